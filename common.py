@@ -1,0 +1,158 @@
+"""Helpers shared by the suite's scripts: input errors, Hub-or-local sources, atomic output folders.
+
+Every script reports bad input as one line on stderr and exits with status 2:
+
+    from common import InputError, run_main
+    def main(): ...; raise InputError("--vocab_size must be at least 260; pass a larger value")
+    if __name__ == "__main__": run_main(main)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet", ".csv": "csv"}
+
+
+class InputError(Exception):
+    """A problem with what the user gave us: reported in one line, exit status 2, no traceback."""
+
+
+def run_main(main) -> None:
+    """Call `main()`, turning an InputError into a one-line message and exit status 2."""
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all; honours HF_HUB_OFFLINE so tests never touch the network."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = host.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def looks_local(name: str) -> bool:
+    """A path that exists, or one spelled like a path (so a typo is reported as a missing path, not a Hub miss)."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or \
+        Path(name).suffix.lower() in TEXT_SUFFIXES
+
+
+def require_hub(what: str, name: str) -> None:
+    """Stop with a clear message when `name` is not local and the Hub cannot be reached."""
+    if not hub_reachable():
+        raise InputError(f"{what} '{name}' is not a local path and the Hugging Face Hub cannot be reached; "
+                         f"pass a local path instead")
+
+
+def load_text_dataset(name: str, split: str = "train", text_column: str = "text", token: str | None = None):
+    """Load a text dataset from a local file/folder or the Hub, as a `datasets.Dataset` with `text_column`.
+
+    Local forms: a .txt file (one document per line, blank lines skipped), .jsonl/.json, .parquet, .csv, a folder of
+    such files, or a folder written by `save_to_disk` (a DatasetDict is indexed by `split`).
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(name).expanduser()
+    if path.exists():
+        dataset = _load_local(path, split)
+    elif looks_local(name):
+        raise InputError(f"dataset '{name}' does not exist; check the path")
+    else:
+        require_hub("dataset", name)
+        try:
+            dataset = datasets.load_dataset(name, split=split, token=token)
+        except Exception as error:  # the Hub's errors are many; the user needs the gist in one line
+            raise InputError(f"could not load dataset '{name}' split '{split}' from the Hub: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if text_column not in dataset.column_names:
+        raise InputError(f"dataset '{name}' has no column '{text_column}' (columns: "
+                         f"{', '.join(dataset.column_names) or 'none'}); pass --text_column with one of them")
+    dataset = dataset.select_columns([text_column])
+    if dataset.num_rows == 0:
+        raise InputError(f"dataset '{name}' is empty; give a dataset with at least one document")
+    return dataset
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise InputError(f"'{path}' has no split '{split}' (splits: {', '.join(loaded)}); "
+                                 f"pass one of them as the split")
+            loaded = loaded[split]
+        return loaded
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES) if path.is_dir() else [path]
+    kinds = {TEXT_SUFFIXES.get(p.suffix.lower()) for p in files}
+    if not files or None in kinds:
+        raise InputError(f"'{path}' holds no readable text files; give .txt, .jsonl, .parquet or .csv files "
+                         f"or a save_to_disk folder")
+    if len(kinds) > 1:
+        raise InputError(f"'{path}' mixes file types ({', '.join(sorted(kinds))}); keep one type per folder")
+    kind = kinds.pop()
+    if any(p.stat().st_size == 0 for p in files) and all(p.stat().st_size == 0 for p in files):
+        raise InputError(f"dataset '{path}' is empty; give a dataset with at least one document")
+    try:
+        dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    except Exception as error:
+        raise InputError(f"could not read '{path}' as {kind}: {str(error).splitlines()[0]}") from None
+    if kind == "text":
+        dataset = dataset.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
+    return dataset
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename, on failure it vanishes.
+
+    Readers therefore see either the old folder or the complete new one, never a half-written one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if final.exists():
+        if not overwrite:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise InputError(f"'{final}' already exists; remove it or ask to overwrite it")
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        temporary.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        temporary.rename(final)

@@ -1,0 +1,667 @@
+"""Pre-train a Llama language model on tokenized parquet folders, on one process or many.
+
+    python pre-training.py --spec-file specs.yaml                       # one GPU (or the CPU)
+    python pre-training.py --spec-file specs.yaml --dry-run             # check the spec, print the plan, exit
+    python pre-training.py --spec-file specs.yaml training_args.max_steps=20 data_args.folder_path=/data/x
+    accelerate launch --num_processes=4 pre-training.py --spec-file specs.yaml   # several GPUs
+
+Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), trains with AdamW and a
+warm-up schedule counted in optimizer steps, evaluates perplexity over the whole test split, samples text,
+writes resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`, and logs every
+`wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B when enabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import InputError, hub_reachable, looks_local, run_main, sha256_file  # noqa: E402
+from specifications import Spec, parse_cli  # noqa: E402
+
+RECENT_LOSSES = 20
+SAMPLE_MAX_NEW_TOKENS = 48
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must remember beyond the weights and the optimizer to continue exactly."""
+    step: int = 0
+    samples_consumed: int = 0
+    tokens_seen: int = 0
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    recent_losses: list = field(default_factory=list)
+
+
+def main(argv=None):
+    spec, args = parse_cli(argv, description=__doc__.split("\n")[0])
+    if args.dry_run:
+        print_dry_run(spec)
+        return
+    setup(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: everything that can fail on bad input fails here, before any training.
+
+def setup(spec: Spec):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output_dir = check_output_dir(spec.training.output_dir)
+    hub = open_hub(spec) if spec.training.push_to_hub else None
+    tracking = tracking_enabled(spec)
+    accelerator = Accelerator(mixed_precision=spec.extra.mixed_precision,
+                              gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
+                              log_with="wandb" if tracking else None)
+    say = accelerator.print
+    tokenizer = load_tokenizer(spec)
+    vocab_size = reconcile_vocab_size(spec, len(tokenizer), say)
+    train_split, test_split = open_data(spec, tokenizer, vocab_size)
+    resume_from = resolve_resume(spec, output_dir, say)
+
+    set_seed(spec.training.seed)
+    model = build_model(spec, tokenizer, vocab_size, say)
+    optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
+    max_steps = plan_max_steps(spec, train_split, accelerator.num_processes) if spec.training.do_train else 0
+    scheduler = build_scheduler(optimizer, spec, max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "accelerate_state"))
+        state = read_train_state(resume_from)
+        say(f"resumed from {resume_from} at step {state.step}")
+    if accelerator.is_main_process:
+        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+    if tracking:
+        accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
+                                  init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
+    run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state)
+    if spec.training.do_train:
+        say(f"training {count_parameters(accelerator.unwrap_model(model)):,} parameters for {max_steps} optimizer "
+            f"steps of {tokens_per_step(spec, accelerator.num_processes):,} tokens on "
+            f"{accelerator.num_processes} process(es)")
+        fit(run, train_split, test_split, max_steps)
+    finish(run, test_split)
+
+
+def check_output_dir(path: str) -> Path:
+    output_dir = Path(path)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write to training_args.output_dir '{output_dir}' ({error.strerror}); "
+                         f"choose a writable folder") from None
+    return output_dir
+
+
+def tracking_enabled(spec: Spec) -> bool:
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if not spec.extra.with_tracking or mode == "disabled":
+        return False
+    if spec.extra.wandb_token:
+        # wandb reads the key from the environment of this process only; it is never printed or saved.
+        os.environ["WANDB_API_KEY"] = spec.extra.wandb_token
+        return True
+    return bool(mode)
+
+
+def load_tokenizer(spec: Spec):
+    from transformers import AutoTokenizer
+
+    name = spec.model.tokenizer_name
+    if not Path(name).exists():
+        if looks_local(name) or not hub_reachable():
+            raise InputError(f"tokenizer '{name}' is not a local folder and cannot be fetched from the Hub; set "
+                             f"model_args.tokenizer_name to a local tokenizer folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=spec.model.use_fast_tokenizer,
+                                                  cache_dir=spec.model.cache_dir,
+                                                  token=spec.training.hub_token)
+    except (OSError, ValueError) as error:
+        raise InputError(f"could not load tokenizer '{name}': {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def reconcile_vocab_size(spec: Spec, tokenizer_size: int, say) -> int:
+    if spec.model.vocab_size != tokenizer_size:
+        say(f"warning: model_args.vocab_size is {spec.model.vocab_size} but the tokenizer has {tokenizer_size} "
+            f"tokens; using {tokenizer_size}")
+    return tokenizer_size
+
+
+def open_data(spec: Spec, tokenizer, vocab_size: int):
+    from tokenized_data import open_tokenized_folder
+
+    tokenizer_file = Path(spec.model.tokenizer_name) / "tokenizer.json"
+    return open_tokenized_folder(
+        spec.data.folder_path, block_size=spec.data.block_size, vocab_size=vocab_size,
+        tokenizer_sha256=sha256_file(tokenizer_file) if tokenizer_file.is_file() else None,
+        sanity_check=spec.data.sanity_check, need_train=spec.training.do_train, need_test=spec.training.do_eval)
+
+
+def attention_implementation(requested: str, say) -> str:
+    import importlib.util
+
+    import torch
+
+    if requested == "flash_attention_2" and not (importlib.util.find_spec("flash_attn")
+                                                 and torch.cuda.is_available()):
+        say("warning: flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa")
+        return "sdpa"
+    return requested
+
+
+def build_model(spec: Spec, tokenizer, vocab_size: int, say):
+    from transformers import AutoModelForCausalLM
+
+    m = spec.model
+    attention = attention_implementation(m.attn_implementation, say)
+    if m.train_from_scratch:
+        config = llama_config(spec, tokenizer, vocab_size, base=load_base_config(m, say))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    else:
+        model = load_pretrained(m, attention)
+        if model.get_input_embeddings().num_embeddings != vocab_size:
+            say(f"resizing the embeddings from {model.get_input_embeddings().num_embeddings} to {vocab_size}")
+            model.resize_token_embeddings(vocab_size)
+    model.config.use_cache = m.use_cache
+    configure_generation(model, tokenizer)
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def llama_config(spec: Spec, tokenizer, vocab_size: int, base=None):
+    from transformers import LlamaConfig
+
+    m = spec.model
+    fields = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                  max_position_embeddings=m.max_position_embeddings, num_attention_heads=m.num_attention_heads,
+                  num_hidden_layers=m.num_hidden_layers, num_key_value_heads=m.num_key_value_heads,
+                  output_hidden_states=m.output_hidden_states, use_cache=m.use_cache,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if base is None:
+        return LlamaConfig(tie_word_embeddings=False, **fields)
+    for key, value in fields.items():
+        setattr(base, key, value)
+    return base
+
+
+def load_base_config(m, say):
+    """The config of `model_to_train` when it can be read; None means: build from the spec alone."""
+    from transformers import AutoConfig
+
+    if not m.model_to_train:
+        return None
+    if not Path(m.model_to_train).exists() and not hub_reachable():
+        say(f"note: the Hub cannot be reached, so '{m.model_to_train}' is not used as the base config; "
+            f"building the model from the spec alone")
+        return None
+    try:
+        return AutoConfig.from_pretrained(m.model_to_train, revision=m.model_revision, cache_dir=m.cache_dir,
+                                          trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise InputError(f"could not read the config of model_args.model_to_train '{m.model_to_train}': "
+                         f"{str(error).splitlines()[0]}") from None
+
+
+def load_pretrained(m, attention: str):
+    from transformers import AutoModelForCausalLM
+
+    name = m.model_to_train
+    if not Path(name).exists() and (looks_local(name) or not hub_reachable()):
+        raise InputError(f"model_args.model_to_train '{name}' is not a local folder and cannot be fetched from "
+                         f"the Hub; give a local model folder such as a previous final-checkpoint")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, revision=m.model_revision, cache_dir=m.cache_dir,
+                                                    trust_remote_code=m.trust_remote_code,
+                                                    dtype=m.torch_dtype or "float32", attn_implementation=attention)
+    except (OSError, ValueError) as error:
+        raise InputError(f"could not load model_args.model_to_train '{name}': {str(error).splitlines()[0]}") \
+            from None
+
+
+def configure_generation(model, tokenizer):
+    generation = model.generation_config
+    generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.do_sample, generation.top_k, generation.top_p = True, 50, 0.95
+    generation.repetition_penalty = 1.2
+    generation.max_new_tokens = SAMPLE_MAX_NEW_TOKENS
+
+
+def build_optimizer(model, spec: Spec, device=None):
+    """AdamW with weight decay on the matrices (embeddings included), none on norm weights or biases."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    t = spec.training
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def tokens_per_step(spec: Spec, num_processes: int) -> int:
+    t = spec.training
+    return t.per_device_train_batch_size * num_processes * t.gradient_accumulation_steps * spec.data.block_size
+
+
+def plan_max_steps(spec: Spec, train_split, num_processes: int) -> int:
+    """Optimizer steps for the run: `max_steps`, or as many whole steps as `num_train_epochs` epochs hold."""
+    t = spec.training
+    if t.max_steps is not None:
+        return t.max_steps
+    samples_per_step = t.per_device_train_batch_size * num_processes * t.gradient_accumulation_steps
+    steps = int(t.num_train_epochs * train_split.num_blocks // samples_per_step)
+    if steps < 1:
+        raise InputError(f"the train split has {train_split.num_blocks} blocks, fewer than one optimizer step needs "
+                         f"({samples_per_step}); lower the batch size or gradient_accumulation_steps, or set "
+                         f"training_args.max_steps")
+    return steps
+
+
+def build_scheduler(optimizer, spec: Spec, max_steps: int):
+    from transformers import get_scheduler
+
+    t = spec.training
+    extra = {"min_lr_rate": 0.1} if t.lr_scheduler_type == "cosine_with_min_lr" else None
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
+                         num_training_steps=max(max_steps, 1), scheduler_specific_kwargs=extra)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and resuming
+
+def resolve_resume(spec: Spec, output_dir: Path, say) -> Path | None:
+    wanted = spec.training.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            say(f"note: resume_from_checkpoint is 'latest' but {output_dir} holds no checkpoint; starting fresh")
+        return found
+    path = Path(wanted)
+    if not (path / "trainer_state.json").is_file() or not (path / "accelerate_state").is_dir():
+        raise InputError(f"training_args.resume_from_checkpoint '{wanted}' is not a complete checkpoint folder "
+                         f"(no trainer_state.json or accelerate_state/); give output_dir/step_N or 'latest'")
+    return path
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The highest complete step_N folder; folders still being written carry a dot prefix and are ignored."""
+    steps = []
+    for folder in output_dir.glob("step_*"):
+        suffix = folder.name.removeprefix("step_")
+        if suffix.isdigit() and (folder / "trainer_state.json").is_file():
+            steps.append((int(suffix), folder))
+    return max(steps)[1] if steps else None
+
+
+def read_train_state(folder: Path) -> TrainState:
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+
+
+def save_checkpoint(run, name: str):
+    """Write output_dir/<name>/ completely under a hidden name, then rename it into place."""
+    accelerator = run.accelerator
+    final = run.output_dir / name
+    staging = run.output_dir / f".{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging / "accelerate_state"))
+    state_dict = accelerator.get_state_dict(run.model)  # every process takes part under FSDP
+    unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped.save_pretrained(staging, state_dict=state_dict, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        run.tokenizer.save_pretrained(staging)
+        (staging / "spec.yaml").write_text(run.spec.to_yaml(), encoding="utf-8")
+        state = dict(run.state.__dict__, name=name, tokens_per_step=tokens_per_step(run.spec,
+                                                                                     accelerator.num_processes))
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+class Run:
+    """The objects one training run needs, passed around as one."""
+
+    def __init__(self, spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state):
+        self.spec, self.accelerator, self.model = spec, accelerator, model
+        self.optimizer, self.scheduler, self.tokenizer = optimizer, scheduler, tokenizer
+        self.output_dir, self.hub, self.state = output_dir, hub, state
+        self.samples = []
+
+
+def fit(run: Run, train_split, test_split, max_steps: int):
+    import torch
+    from tqdm.auto import tqdm
+
+    from tokenized_data import TrainBatches
+
+    spec, accelerator, model, state = run.spec, run.accelerator, run.model, run.state
+    t, e = spec.training, spec.extra
+    batches = TrainBatches(train_split, micro_batch_size=t.per_device_train_batch_size,
+                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                           seed=t.seed, start_sample=state.samples_consumed,
+                           pin_memory=t.dataloader_pin_memory and torch.cuda.is_available())
+    samples_per_step = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    step_tokens = samples_per_step * spec.data.block_size
+    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    unit="step", dynamic_ncols=True)
+    # Losses stay on the device between logging steps: reading them is a host sync that stalls the GPU.
+    window_loss = torch.tensor(state.window_loss_sum, device=accelerator.device)
+    window_start, window_tokens = time.perf_counter(), 0
+    grad_norm = None
+    model.train()
+    try:
+        while state.step < max_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(t.gradient_accumulation_steps):
+                input_ids = next(batches).to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = causal_lm_loss(model, input_ids)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm is not None:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach()
+            run.scheduler.step()
+            window_loss += step_loss / t.gradient_accumulation_steps
+            state.step += 1
+            state.window_steps += 1
+            state.samples_consumed += samples_per_step
+            state.tokens_seen += step_tokens
+            window_tokens += step_tokens
+            progress.update(1)
+            if state.step % e.wandb_log_steps == 0 or state.step == max_steps:
+                record = log_train_step(run, window_loss, grad_norm, window_tokens / (time.perf_counter()
+                                                                                        - window_start))
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                     tok_s=f"{record['tokens_per_second']:,.0f}")
+                window_loss.zero_()
+                window_start, window_tokens = time.perf_counter(), 0
+            if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
+                    and state.step < max_steps):
+                evaluate_and_log(run, test_split)
+            if e.sample_every and state.step % e.sample_every == 0:
+                sample_and_log(run)
+            if e.checkpointing_steps and state.step % e.checkpointing_steps == 0 and state.step < max_steps:
+                state.window_loss_sum = float(window_loss)
+                folder = save_checkpoint(run, f"step_{state.step}")
+                push_checkpoint(run, folder, f"step-{state.step}")
+    finally:
+        batches.close()
+        progress.close()
+
+
+def causal_lm_loss(model, input_ids):
+    """Mean next-token cross-entropy over every position of the packed blocks."""
+    per_sequence = causal_lm_token_losses(model, input_ids)
+    return per_sequence.sum() / per_sequence.new_tensor(per_sequence.numel() * (input_ids.shape[1] - 1))
+
+
+def causal_lm_token_losses(model, input_ids):
+    """Summed next-token cross-entropy of each sequence (shape [batch]), computed in float32."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.view(targets.shape).sum(dim=1)
+
+
+def log_train_step(run: Run, window_loss, grad_norm, tokens_per_second: float) -> dict:
+    state, accelerator = run.state, run.accelerator
+    mean_loss = accelerator.reduce(window_loss.detach().clone(), reduction="mean") / max(state.window_steps, 1)
+    record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": float(mean_loss),
+              "learning_rate": run.scheduler.get_last_lr()[0],
+              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "tokens_per_second": tokens_per_second}
+    state.recent_losses = (state.recent_losses + [record["loss"]])[-RECENT_LOSSES:]
+    state.window_steps = 0
+    state.window_loss_sum = 0.0
+    write_metrics(run, record)
+    return record
+
+
+def write_metrics(run: Run, record: dict):
+    if run.accelerator.is_main_process:
+        with open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if run.accelerator.trackers:
+        run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+
+def truncate_metrics(path: Path, step: int):
+    """Drop lines logged after `step`, so a resumed run continues the file as if never stopped."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def evaluate(run: Run, test_split) -> dict:
+    """Loss as the mean over every token of the whole test split, each row counted once across processes."""
+    import torch
+
+    from tokenized_data import eval_batches
+
+    accelerator, model = run.accelerator, run.model
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for input_ids, weight in eval_batches(test_split, batch_size=run.spec.training.per_device_eval_batch_size,
+                                              process_index=accelerator.process_index,
+                                              num_processes=accelerator.num_processes):
+            input_ids, weight = input_ids.to(accelerator.device), weight.to(accelerator.device)
+            losses = causal_lm_token_losses(model, input_ids)
+            totals[0] += (losses.double() * weight).sum()
+            totals[1] += weight.double().sum() * (input_ids.shape[1] - 1)
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    loss = float(totals[0] / totals[1])
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(totals[1])}
+
+
+def evaluate_and_log(run: Run, test_split) -> dict:
+    result = evaluate(run, test_split)
+    record = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, **result}
+    write_metrics(run, record)
+    run.accelerator.print(f"step {run.state.step}: eval loss {result['eval_loss']:.4f}, "
+                          f"perplexity {result['perplexity']:.2f}")
+    return result
+
+
+def sample_and_log(run: Run) -> str:
+    """Generate from one of the prompts on the model's own device, then return to training mode."""
+    import torch
+
+    spec, accelerator = run.spec, run.accelerator
+    prompt = random.Random(spec.training.seed + run.state.step).choice(spec.extra.generation_seeds)
+    model = accelerator.unwrap_model(run.model)
+    inputs = run.tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+    model.eval()
+    # A private RNG stream: sampling neither depends on nor disturbs the training's random state.
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        torch.manual_seed(spec.training.seed + run.state.step)
+        output = model.generate(**inputs, use_cache=True)
+    model.train()
+    model.config.use_cache = False
+    text = run.tokenizer.decode(output[0], skip_special_tokens=True)
+    run.samples.append([run.state.step, prompt, text])
+    if accelerator.is_main_process:
+        with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": run.state.step, "prompt": prompt, "text": text},
+                                    ensure_ascii=False) + "\n")
+    accelerator.print(f"step {run.state.step} sample: {text!r}")
+    if accelerator.trackers:
+        tracker = accelerator.get_tracker("wandb")
+        tracker.log_table("samples", columns=["step", "prompt", "text"], data=run.samples, step=run.state.step)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end of a run: final evaluation, checkpoint, plot, push
+
+def finish(run: Run, test_split):
+    accelerator = run.accelerator
+    result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
+    folder = save_checkpoint(run, "final-checkpoint")
+    if accelerator.is_main_process:
+        plot_losses(run.output_dir / "metrics.jsonl", run.output_dir / "loss.png")
+    push_checkpoint(run, folder, None)
+    if run.hub is not None:
+        run.hub.wait()
+    accelerator.end_training()
+    if result is not None:
+        accelerator.print(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    accelerator.print(f"final model: {folder}")
+
+
+def plot_losses(metrics_path: Path, image_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.exists() else []
+    train = [(r["tokens_seen"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["tokens_seen"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
+        if points:
+            axes.plot(*zip(*points), style, label=label)
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=100)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hub: one repository, a branch per checkpoint, the final model on main
+
+class HubPusher:
+    """Uploads in the background; a failed push is a warning, never the end of a training run."""
+
+    def __init__(self, api, repo_id: str, say=print):
+        self.api, self.repo_id, self.say = api, repo_id, say
+        self.pending = []
+
+    def push(self, folder: Path, branch: str | None):
+        try:
+            if branch is not None:
+                self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
+            future = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision=branch,
+                                            commit_message=f"{folder.name}",
+                                            ignore_patterns=["accelerate_state/*"], run_as_future=True)
+            self.pending.append((folder.name, future))
+        except Exception as error:  # network and Hub errors alike must not stop training
+            self.say(f"warning: could not push {folder.name} to {self.repo_id}: {error}")
+
+    def wait(self):
+        for name, future in self.pending:
+            try:
+                future.result()
+            except Exception as error:
+                self.say(f"warning: could not push {name} to {self.repo_id}: {error}")
+        self.pending.clear()
+
+
+def open_hub(spec: Spec) -> HubPusher:
+    from huggingface_hub import HfApi
+
+    if not hub_reachable():
+        raise InputError("training_args.push_to_hub is on but the Hugging Face Hub cannot be reached; "
+                         "set push_to_hub: false or fix the network before training")
+    if not spec.training.hub_token:
+        raise InputError("training_args.push_to_hub needs a Hub token: set HF_TOKEN or training_args.hub_token")
+    api = HfApi(token=spec.training.hub_token)
+    try:
+        api.create_repo(spec.training.hub_model_id, exist_ok=True)
+    except Exception as error:
+        raise InputError(f"could not create or reach Hub repository '{spec.training.hub_model_id}': "
+                         f"{str(error).splitlines()[0]}") from None
+    return HubPusher(api, spec.training.hub_model_id)
+
+
+def push_checkpoint(run: Run, folder: Path, branch: str | None):
+    if run.hub is not None and run.accelerator.is_main_process:
+        run.hub.push(folder, branch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dry-run
+
+def print_dry_run(spec: Spec):
+    """The resolved spec (secrets masked) and the plan, from the spec alone: no data read, nothing written."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class SpecialIds:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = llama_config(spec, SpecialIds, spec.model.vocab_size)
+    with torch.device("meta"):
+        parameters = count_parameters(AutoModelForCausalLM.from_config(config))
+    t = spec.training
+    steps = (f"{t.max_steps:,} optimizer steps" if t.max_steps is not None else
+             f"{t.num_train_epochs:g} epoch(s) of the train split (steps counted when the data is opened)")
+    print("# resolved spec (secrets masked)")
+    print(spec.to_yaml())
+    print("# plan")
+    print(f"parameters: {parameters:,} (vocabulary {spec.model.vocab_size:,}; the tokenizer's size is used if "
+          f"it differs)")
+    print(f"processes: {world_size}")
+    print(f"tokens per optimizer step: {tokens_per_step(spec, world_size):,} "
+          f"({t.per_device_train_batch_size} x {world_size} x {t.gradient_accumulation_steps} x "
+          f"{spec.data.block_size})")
+    print(f"steps: {steps}")
+    if t.max_steps is not None:
+        print(f"tokens: {t.max_steps * tokens_per_step(spec, world_size):,}")
+
+
+if __name__ == "__main__":
+    run_main(main)

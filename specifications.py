@@ -1,0 +1,400 @@
+"""The spec of a pre-training run: four typed groups loaded from a YAML file, checked all at once.
+
+    from specifications import load_spec
+    spec = load_spec("specs.yaml", ["training_args.max_steps=20"])
+    spec.training.max_steps  # 20
+
+A spec file has the groups `model_args`, `data_args`, `training_args` and `extra_args`. Every problem found (unknown
+key, wrong type, bad value, fields that contradict each other) is reported in one message: `SpecError`, which the
+scripts print as one block and exit with status 2. Spec files written for the original TeenyTinyLlama scripts load
+unchanged: their spellings (`evaluation_strategy: "step"`, `torch_dtype: "bf16"`, `low_cpu_mem_usage: null`) are
+normalized here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common import InputError
+
+SECRET_FIELDS = {"hub_token": "HF_TOKEN", "wandb_token": "WANDB_API_KEY"}
+MASK = "***"
+
+# Spellings used by older spec files, mapped to the one name the code uses.
+ALIASES = {
+    "evaluation_strategy": {"step": "steps", "none": "no", "false": "no"},
+    "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"},
+    "mixed_precision": {"none": "no", "fp32": "no", "false": "no", "bfloat16": "bf16", "float16": "fp16"},
+}
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+DEFAULT_PROMPTS = [
+    "A capital do Brasil é",
+    "Era uma vez uma menina que",
+    "A receita de pão de queijo leva",
+    "O rio Amazonas",
+    "Em 1822, o Brasil",
+]
+
+
+def spec_field(default, help: str, *, choices=None, minimum=None, exclusive_minimum=None):
+    """A spec field: its default, a one-line help text and the checks its values must pass."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelArguments:
+    model_to_train: str | None = spec_field(None, "Model to continue training, or whose config is the base when training from scratch: a local folder or a Hub name.")
+    tokenizer_name: str = spec_field("new-llama-tokenizer", "Tokenizer to train with: a local folder (as written by train-sentencepiece.py) or a Hub name.")
+    model_id: str = spec_field("TeenyTinyLlama-160m", "Name of this run's model: names the W&B run and the model card.")
+    train_from_scratch: bool = spec_field(True, "Build a new, randomly initialized model (true) or continue training `model_to_train` (false).")
+    vocab_size: int = spec_field(32000, "Vocabulary size; the tokenizer's own size wins if they differ.", minimum=1)
+    hidden_size: int = spec_field(768, "Width of the model: size of the embeddings and of every hidden state.", minimum=1)
+    intermediate_size: int = spec_field(3072, "Width of the MLP inside each transformer layer.", minimum=1)
+    max_position_embeddings: int = spec_field(2048, "Longest sequence the model is built for (its context window).", minimum=1)
+    num_attention_heads: int = spec_field(12, "Attention heads per layer.", minimum=1)
+    num_hidden_layers: int = spec_field(12, "Transformer layers.", minimum=1)
+    num_key_value_heads: int = spec_field(12, "Key/value heads per layer (fewer than the attention heads gives grouped-query attention).", minimum=1)
+    output_hidden_states: bool = spec_field(False, "Have the model return every layer's hidden states (costs memory; rarely wanted in pre-training).")
+    cache_dir: str | None = spec_field(None, "Folder where models and tokenizers fetched from the Hub are cached.")
+    use_fast_tokenizer: bool = spec_field(True, "Use the fast (Rust) tokenizer.")
+    model_revision: str = spec_field("main", "Branch, tag or commit of `model_to_train` to load from the Hub.")
+    trust_remote_code: bool = spec_field(False, "Allow models from the Hub to run their own code.")
+    torch_dtype: str | None = spec_field(None, "Dtype to load a pretrained model in: auto, float32, float16 or bfloat16 (null: float32).", choices=["auto", "float32", "float16", "bfloat16"])
+    low_cpu_mem_usage: bool = spec_field(False, "Load a pretrained model without a full extra copy in CPU memory.")
+    use_cache: bool = spec_field(False, "Keep the key/value cache during the forward pass (useless in training; generation turns it on by itself).")
+    attn_implementation: str = spec_field("sdpa", "Attention kernel: sdpa, eager or flash_attention_2 (falls back to sdpa when flash-attn or CUDA is missing).", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"])
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = spec_field(None, "Name of the corpus the tokenized folder came from (recorded with the checkpoints).")
+    folder_path: str = spec_field("data/pt-corpus-tokenized", "Tokenized folder written by Utilities/tokenize-dataset.py: train/ and test/ of parquet files.")
+    dataset_split: str = spec_field("train", "Split of `dataset_name` the corpus was made from (recorded with the checkpoints).")
+    block_size: int = spec_field(2048, "Tokens per training sequence; must equal the tokenized folder's block size.", minimum=2)
+    overwrite_cache: bool = spec_field(False, "Kept for older spec files; the tokenized folders are read in place, so there is no cache.")
+    preprocessing_num_workers: int | None = spec_field(None, "Data-loader worker processes (null: none, the data is read in the training process).", minimum=0)
+    sanity_check: bool = spec_field(False, "Train on the first 1,000 train and 100 test blocks only, to try a set-up quickly.")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = spec_field("runs/TeenyTinyLlama-160m", "Folder for checkpoints, metrics.jsonl and the loss plot.")
+    do_train: bool = spec_field(True, "Train.")
+    do_eval: bool = spec_field(True, "Evaluate on the test split (every `eval_steps` when `evaluation_strategy` is steps, and at the end).")
+    evaluation_strategy: str = spec_field("steps", "When to evaluate during training: steps (every `eval_steps`) or no (only at the end).", choices=["steps", "no"])
+    eval_steps: int | None = spec_field(5000, "Optimizer steps between evaluations.", minimum=1)
+    per_device_train_batch_size: int = spec_field(8, "Sequences per micro-batch on each device.", minimum=1)
+    per_device_eval_batch_size: int = spec_field(8, "Sequences per evaluation batch on each device.", minimum=1)
+    gradient_accumulation_steps: int = spec_field(8, "Micro-batches accumulated into one optimizer step.", minimum=1)
+    learning_rate: float = spec_field(6e-4, "Peak learning rate (reached at the end of warm-up).", exclusive_minimum=0)
+    adam_epsilon: float = spec_field(1e-8, "AdamW epsilon.", exclusive_minimum=0)
+    adam_beta1: float = spec_field(0.9, "AdamW beta1.", minimum=0)
+    adam_beta2: float = spec_field(0.95, "AdamW beta2.", minimum=0)
+    weight_decay: float = spec_field(0.01, "AdamW weight decay, applied to the 2-D weights only (not to biases or norms).", minimum=0)
+    max_grad_norm: float | None = spec_field(1.0, "Clip the gradient norm to this value (null: no clipping).", exclusive_minimum=0)
+    lr_scheduler_type: str = spec_field("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
+    warmup_steps: int = spec_field(1000, "Optimizer steps of linear warm-up.", minimum=0)
+    max_steps: int | None = spec_field(None, "Optimizer steps to train for; null: `num_train_epochs` epochs.", minimum=1)
+    num_train_epochs: float = spec_field(1, "Passes over the train split when `max_steps` is null.", exclusive_minimum=0)
+    gradient_checkpointing: bool = spec_field(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
+    seed: int = spec_field(42, "Seed for the model's initialization, the data order and sampling.", minimum=0)
+    dataloader_pin_memory: bool = spec_field(True, "Pin host memory for faster, asynchronous copies to the GPU.")
+    push_to_hub: bool = spec_field(False, "Push checkpoints (branch step-N) and the final model (main) to `hub_model_id`.")
+    resume_from_checkpoint: str | None = spec_field(None, "Resume from a checkpoint folder (output_dir/step_N) or `latest`.")
+    hub_model_id: str | None = spec_field(None, "Hub repository to push to, as user/name.")
+    hub_token: str | None = spec_field(None, "Hub token (secret; falls back to HF_TOKEN). Never printed or saved.")
+
+
+@dataclass
+class ExtraArguments:
+    wandb_token: str | None = spec_field(None, "Weights & Biases API key (secret; falls back to WANDB_API_KEY). Never printed or saved.")
+    logger_name: str = spec_field("TeenyTinyLlama", "Name of the W&B project and of the run's logger.")
+    wandb_log_steps: int = spec_field(10, "Optimizer steps between logged metrics, for metrics.jsonl and W&B alike.", minimum=1)
+    with_tracking: bool = spec_field(True, "Log to W&B when a token is given or WANDB_MODE is set.")
+    mixed_precision: str = spec_field("no", "Mixed precision: no, fp16 or bf16.", choices=["no", "fp16", "bf16"])
+    checkpointing_steps: int | None = spec_field(1000, "Optimizer steps between checkpoints (null: only the final one).", minimum=1)
+    sample_every: int | None = spec_field(1000, "Optimizer steps between generated samples (null: never).", minimum=1)
+    generation_seeds: list[str] = spec_field(DEFAULT_PROMPTS, "Prompts to sample from during training, one chosen at random each time.")
+
+
+GROUPS = {"model_args": ModelArguments, "data_args": DataTrainingArguments,
+          "training_args": TrainingArguments, "extra_args": ExtraArguments}
+
+
+@dataclass
+class Spec:
+    model: ModelArguments
+    data: DataTrainingArguments
+    training: TrainingArguments
+    extra: ExtraArguments
+
+    def groups(self) -> dict:
+        return {"model_args": self.model, "data_args": self.data, "training_args": self.training,
+                "extra_args": self.extra}
+
+    def to_dict(self, mask_secrets: bool = True) -> dict:
+        """The resolved spec as plain data; secrets replaced by a mask unless asked otherwise."""
+        result = {}
+        for group_name, group in self.groups().items():
+            values = dataclasses.asdict(group)
+            if mask_secrets:
+                values.update({name: MASK for name in SECRET_FIELDS if values.get(name)})
+            result[group_name] = values
+        return result
+
+    def to_yaml(self) -> str:
+        """The resolved spec as YAML, secrets masked: what is printed and saved beside checkpoints."""
+        return yaml.safe_dump(self.to_dict(mask_secrets=True), sort_keys=False, allow_unicode=True)
+
+
+class SpecError(InputError):
+    """Every problem found in a spec, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+def load_spec(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), *,
+              environ: typing.Mapping[str, str] | None = None) -> Spec:
+    """Read, merge, normalize and check a spec; raise SpecError listing every problem."""
+    source = str(path) if path is not None else "the spec"
+    raw = read_spec_file(path) if path is not None else {}
+    problems: list[str] = []
+    apply_overrides(raw, overrides, problems)
+    groups = {}
+    for group_name, cls in GROUPS.items():
+        values = raw.pop(group_name, None) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{group_name}: must be a mapping of keys to values, not {type(values).__name__}")
+            values = {}
+        groups[group_name] = build_group(group_name, cls, values, problems)
+    for unknown in raw:
+        problems.append(f"{unknown}: unknown group{did_you_mean(str(unknown), GROUPS)}")
+    spec = Spec(groups["model_args"], groups["data_args"], groups["training_args"], groups["extra_args"])
+    fill_secrets(spec, os.environ if environ is None else environ)
+    problems.extend(cross_checks(spec))
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def read_spec_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"spec file '{path}' does not exist; pass the path of a YAML spec such as specs.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise InputError(f"spec file '{path}' is not valid YAML{line}; fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(f"spec file '{path}' must be a mapping with the groups {', '.join(GROUPS)}, "
+                         f"not a {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str], problems: list[str]) -> None:
+    """`group.key=value` pairs, values read as YAML scalars, written over the file's values."""
+    for override in overrides:
+        dotted, sep, text = override.partition("=")
+        group_name, dot, key = dotted.strip().partition(".")
+        if not sep or not dot or not key:
+            problems.append(f"override '{override}': write it as group.key=value, e.g. training_args.max_steps=20")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        group = raw.setdefault(group_name, {})
+        if isinstance(group, dict):
+            group[key] = value
+
+
+def build_group(group_name: str, cls, values: dict, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    accepted = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"{group_name}.{key}: unknown key{suggest_key(str(key), group_name)}")
+            continue
+        ok, converted = convert(value, hints[key], fields[key], f"{group_name}.{key}", problems)
+        if ok:
+            accepted[key] = converted
+    return cls(**accepted)
+
+
+def convert(value, annotation, spec: dataclasses.Field, where: str, problems: list[str]):
+    """Coerce one value to its field's type and check its choices and range; report and return (False, None) if bad."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(annotation)
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if union else annotation
+    if value is None:
+        if optional:
+            return True, None
+        if base is bool:  # older spec files write `null` for "off"
+            return True, False
+        problems.append(f"{where}: must not be null; give a {type_name(base)}")
+        return False, None
+    converted = coerce(value, base)
+    if converted is None:
+        problems.append(f"{where}: expected {type_name(base)}, got {value!r}")
+        return False, None
+    meta = spec.metadata
+    if isinstance(converted, str) and where.rsplit(".", 1)[-1] in ALIASES:
+        converted = ALIASES[where.rsplit(".", 1)[-1]].get(converted.lower(), converted.lower())
+    if meta.get("choices") and converted not in meta["choices"]:
+        problems.append(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}"
+                        f"{did_you_mean(str(value), meta['choices'])}")
+        return False, None
+    if meta.get("minimum") is not None and converted < meta["minimum"]:
+        problems.append(f"{where}: must be at least {meta['minimum']}, got {value!r}")
+        return False, None
+    if meta.get("exclusive_minimum") is not None and converted <= meta["exclusive_minimum"]:
+        problems.append(f"{where}: must be greater than {meta['exclusive_minimum']}, got {value!r}")
+        return False, None
+    return True, converted
+
+
+def coerce(value, base):
+    """The value as `base`, or None when it cannot honestly be read as one."""
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no"}:
+            return value.lower() in {"true", "yes"}
+        return None
+    if base is int:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value
+        number = as_float(value)
+        return int(number) if number is not None and number.is_integer() else None
+    if base is float:
+        if isinstance(value, bool):
+            return None
+        number = as_float(value)
+        return number if number is not None and math.isfinite(number) else None
+    if base is str:
+        return value if isinstance(value, str) else None
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [value]
+        return list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    return value
+
+
+def as_float(value):
+    # PyYAML reads `6e-4` (no dot) as a string, so numbers may arrive as text.
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def type_name(base) -> str:
+    if typing.get_origin(base) is list:
+        return "list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+
+
+def did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def suggest_key(key: str, group_name: str) -> str:
+    """Point to the closest key in the same group, or to the group where the key really lives."""
+    for other_name, cls in GROUPS.items():
+        if other_name != group_name and key in {f.name for f in dataclasses.fields(cls)}:
+            return f" (it belongs in {other_name})"
+    return did_you_mean(key, [f.name for f in dataclasses.fields(GROUPS[group_name])])
+
+
+def fill_secrets(spec: Spec, environ: typing.Mapping[str, str]) -> None:
+    if not spec.training.hub_token and environ.get("HF_TOKEN"):
+        spec.training.hub_token = environ["HF_TOKEN"]
+    if not spec.extra.wandb_token and environ.get("WANDB_API_KEY"):
+        spec.extra.wandb_token = environ["WANDB_API_KEY"]
+
+
+def cross_checks(spec: Spec) -> list[str]:
+    """Checks that involve more than one field; every one that fails is reported."""
+    m, d, t, e = spec.model, spec.data, spec.training, spec.extra
+    problems = []
+    if m.hidden_size % m.num_attention_heads:
+        problems.append(f"model_args.hidden_size ({m.hidden_size}) must be divisible by "
+                        f"model_args.num_attention_heads ({m.num_attention_heads})")
+    if m.num_attention_heads % m.num_key_value_heads:
+        problems.append(f"model_args.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                        f"model_args.num_key_value_heads ({m.num_key_value_heads})")
+    if d.block_size > m.max_position_embeddings:
+        problems.append(f"data_args.block_size ({d.block_size}) is above model_args.max_position_embeddings "
+                        f"({m.max_position_embeddings}); lower block_size or raise max_position_embeddings")
+    if not t.do_train and not t.do_eval:
+        problems.append("training_args.do_train and training_args.do_eval are both false: nothing to do")
+    if t.do_eval and t.evaluation_strategy == "steps" and not t.eval_steps:
+        problems.append("training_args.do_eval with evaluation_strategy 'steps' needs training_args.eval_steps "
+                        "(or set evaluation_strategy: no to evaluate only at the end)")
+    if t.max_steps is not None and t.warmup_steps > t.max_steps:
+        problems.append(f"training_args.warmup_steps ({t.warmup_steps}) is above training_args.max_steps "
+                        f"({t.max_steps})")
+    if t.push_to_hub and not t.hub_model_id:
+        problems.append("training_args.push_to_hub needs training_args.hub_model_id (user/name)")
+    if not m.train_from_scratch and not m.model_to_train:
+        problems.append("model_args.train_from_scratch is false but model_args.model_to_train is not set: "
+                        "name the model to continue training")
+    if e.sample_every and not e.generation_seeds:
+        problems.append("extra_args.sample_every is set but extra_args.generation_seeds is empty")
+    if t.adam_beta1 >= 1 or t.adam_beta2 >= 1:
+        problems.append("training_args.adam_beta1 and adam_beta2 must be below 1")
+    return problems
+
+
+def parse_cli(argv: typing.Sequence[str] | None, description: str):
+    """Parse `--spec-file S [--dry-run] [group.key=value ...]` for a script; return (spec, args)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--spec-file", "--spec_file", dest="spec_file", default="specs.yaml",
+                        help="YAML spec file (default: specs.yaml)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="check the spec, print it and the plan, and exit without reading data or writing")
+    parser.add_argument("overrides", nargs="*", metavar="group.key=value",
+                        help="values that override the spec file, e.g. training_args.max_steps=20")
+    args = parser.parse_args(argv)
+    return load_spec(args.spec_file, args.overrides), args
+
+
+def markdown_table() -> str:
+    """Every spec field with its default and help text, as the Markdown table the README carries."""
+    lines = ["| Group | Field | Default | Meaning |", "|---|---|---|---|"]
+    for group_name, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "…" if isinstance(default, list) else yaml.safe_dump(default).strip().removesuffix("\n...")
+            lines.append(f"| `{group_name}` | `{f.name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(lines)
