@@ -114,6 +114,8 @@ class TrainingArguments:
     dataloader_pin_memory: bool = spec_field(True, "Pin host memory for faster, asynchronous copies to the GPU.")
     push_to_hub: bool = spec_field(False, "Push checkpoints (branch step-N) and the final model (main) to `hub_model_id`.")
     resume_from_checkpoint: str | None = spec_field(None, "Resume from a checkpoint folder (output_dir/step_N) or `latest`.")
+    max_skipped_steps: int = spec_field(5, "Optimizer steps in a row with a non-finite loss or gradient norm that are skipped before rolling back to the last checkpoint.", minimum=1)
+    max_rollbacks: int = spec_field(3, "Rollbacks to the last checkpoint allowed before a diverging run stops.", minimum=0)
     hub_model_id: str | None = spec_field(None, "Hub repository to push to, as user/name.")
     hub_token: str | None = spec_field(None, "Hub token (secret; falls back to HF_TOKEN). Never printed or saved.")
 
@@ -126,6 +128,7 @@ class ExtraArguments:
     with_tracking: bool = spec_field(True, "Log to W&B when a token is given or WANDB_MODE is set.")
     mixed_precision: str = spec_field("no", "Mixed precision: no, fp16 or bf16.", choices=["no", "fp16", "bf16"])
     checkpointing_steps: int | None = spec_field(1000, "Optimizer steps between checkpoints (null: only the final one).", minimum=1)
+    keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one is always kept.", minimum=0)
     sample_every: int | None = spec_field(1000, "Optimizer steps between generated samples (null: never).", minimum=1)
     generation_seeds: list[str] = spec_field(DEFAULT_PROMPTS, "Prompts to sample from during training, one chosen at random each time.")
 

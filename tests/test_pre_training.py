@@ -1,0 +1,270 @@
+"""pre-training.py end to end on the CPU: a tiny Llama on the tokenized sample."""
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+
+from conftest import REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, run_script
+
+TINY = ["model_args.hidden_size=64", "model_args.intermediate_size=128", "model_args.num_hidden_layers=2",
+        "model_args.num_attention_heads=4", "model_args.num_key_value_heads=2",
+        f"model_args.max_position_embeddings={TEST_BLOCK_SIZE}", f"model_args.vocab_size={TEST_VOCAB_SIZE}",
+        f"data_args.block_size={TEST_BLOCK_SIZE}", "training_args.per_device_train_batch_size=4",
+        "training_args.per_device_eval_batch_size=8", "training_args.gradient_accumulation_steps=2",
+        "training_args.learning_rate=0.005", "training_args.warmup_steps=3", "extra_args.wandb_log_steps=1",
+        "extra_args.mixed_precision=no"]
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train(tokenizer, data, output_dir, *overrides, env=None):
+    return run_script("pre-training.py", "--spec-file", "specs-tiny.yaml", *TINY,
+                      f"model_args.tokenizer_name={tokenizer}", f"data_args.folder_path={data}",
+                      f"training_args.output_dir={output_dir}", *overrides, env=env)
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir):
+    return {r["step"]: r["loss"] for r in metrics(output_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sample_tokenizer, sample_tokenized):
+    """12 steps with checkpoints every 4, evaluation every 6 and samples every 6."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    result = train(sample_tokenizer, sample_tokenized, output_dir, "training_args.max_steps=12",
+                   "extra_args.checkpointing_steps=4", "training_args.eval_steps=6", "extra_args.sample_every=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, result
+
+
+def test_loss_falls_and_perplexity_is_finite(finished_run):
+    output_dir, result = finished_run
+    losses = train_losses(output_dir)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[1] == pytest.approx(math.log(TEST_VOCAB_SIZE), rel=0.1)  # a fresh model guesses uniformly
+    assert losses[12] < losses[1] - 1.0
+    evals = [r for r in metrics(output_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert 1 < evals[-1]["perplexity"] < TEST_VOCAB_SIZE
+    assert evals[-1]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert f"perplexity {evals[-1]['perplexity']:.2f}" in result.stdout
+
+
+def test_metrics_have_every_field_and_tokens_count_up(finished_run):
+    output_dir, _ = finished_run
+    records = [r for r in metrics(output_dir) if "loss" in r]
+    for record in records:
+        assert set(record) >= {"step", "tokens_seen", "loss", "learning_rate", "grad_norm", "tokens_per_second"}
+        assert record["tokens_seen"] == record["step"] * 4 * 2 * TEST_BLOCK_SIZE
+        assert record["grad_norm"] > 0 and record["tokens_per_second"] > 0
+    assert (output_dir / "loss.png").stat().st_size > 5000
+
+
+def test_checkpoints_are_complete_and_final_model_generates(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir, _ = finished_run
+    assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith("step_")) == ["step_4", "step_8"]
+    assert not list(output_dir.glob(".*tmp*"))
+    for folder in ("step_4", "step_8", "final-checkpoint"):
+        names = {p.name for p in (output_dir / folder).iterdir()}
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "spec.yaml",
+                "trainer_state.json", "accelerate_state"} <= names, (folder, names)
+    state = json.loads((output_dir / "step_8" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 8 * TEST_BLOCK_SIZE
+    assert state["recent_losses"][-1] == pytest.approx(train_losses(output_dir)[8])
+    final = output_dir / "final-checkpoint"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tokenizer)
+    inputs = tokenizer("A capital do Brasil", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+def test_samples_are_generated_and_logged(finished_run):
+    output_dir, result = finished_run
+    samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [6, 12]
+    assert all(s["text"].startswith(s["prompt"][:5]) and len(s["text"]) > len(s["prompt"]) for s in samples)
+    assert "step 6 sample:" in result.stdout
+
+
+def test_resumed_run_equals_uninterrupted(finished_run, sample_tokenizer, sample_tokenized, tmp_path):
+    output_dir, _ = finished_run
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(output_dir / "step_4", resumed_dir / "step_4")
+    result = train(sample_tokenizer, sample_tokenized, resumed_dir, "training_args.max_steps=12",
+                   "extra_args.checkpointing_steps=4", "training_args.eval_steps=6", "extra_args.sample_every=6",
+                   "training_args.resume_from_checkpoint=latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    expected, got = train_losses(output_dir), train_losses(resumed_dir)
+    assert sorted(got) == list(range(5, 13))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    expected_eval = [r["eval_loss"] for r in metrics(output_dir) if "eval_loss" in r]
+    got_eval = [r["eval_loss"] for r in metrics(resumed_dir) if "eval_loss" in r]
+    assert got_eval == pytest.approx(expected_eval, rel=1e-5)
+
+
+def test_schedule_counts_optimizer_steps(sample_tokenizer, sample_tokenized, tmp_path):
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=8",
+                   "training_args.warmup_steps=3", "training_args.lr_scheduler_type=linear",
+                   "training_args.gradient_accumulation_steps=3", "training_args.do_eval=false",
+                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = {r["step"]: r["learning_rate"] for r in metrics(tmp_path / "out") if "learning_rate" in r}
+    peak = 0.005
+    # The rate after optimizer step s: warm-up over steps 1..3, then linear decay reaching 0 at step 8.
+    expected = {s: peak * s / 3 if s < 3 else peak * (8 - s) / 5 for s in range(1, 9)}
+    assert rates == pytest.approx(expected)
+
+
+def test_epochs_decide_the_steps_when_max_steps_is_null(sample_tokenizer, sample_tokenized, tmp_path):
+    manifest = json.loads((sample_tokenized / "manifest.json").read_text())
+    train_blocks = manifest["splits"]["train"]["blocks"]
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=null",
+                   "training_args.num_train_epochs=0.5", "training_args.do_eval=false",
+                   "training_args.gradient_accumulation_steps=1", "training_args.per_device_train_batch_size=16",
+                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null",
+                   "extra_args.wandb_log_steps=1000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = int(0.5 * train_blocks // 16)
+    assert f"for {steps} optimizer steps" in result.stdout
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [steps]
+
+
+def test_continue_training_a_final_checkpoint(finished_run, sample_tokenizer, sample_tokenized, tmp_path):
+    output_dir, _ = finished_run
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "more", "training_args.max_steps=2",
+                   "training_args.warmup_steps=0", "model_args.train_from_scratch=false",
+                   f"model_args.model_to_train={output_dir / 'final-checkpoint'}", "training_args.do_eval=false",
+                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # A model that already learned starts far below the uniform-guess loss of a fresh one.
+    assert train_losses(tmp_path / "more")[1] < train_losses(output_dir)[1] - 1.0
+
+
+def test_fallbacks_are_announced(sample_tokenizer, sample_tokenized, tmp_path):
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=2",
+                   "training_args.warmup_steps=0", "model_args.vocab_size=32000",
+                   "model_args.attn_implementation=flash_attention_2",
+                   "model_args.model_to_train=some-user/some-model", "training_args.gradient_checkpointing=true",
+                   "extra_args.mixed_precision=bf16", "training_args.do_eval=false",
+                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert f"vocab_size is 32000 but the tokenizer has {TEST_VOCAB_SIZE} tokens" in out
+    assert "flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa" in out
+    assert "'some-user/some-model' is not used as the base config" in out
+    config = json.loads((tmp_path / "out" / "final-checkpoint" / "config.json").read_text())
+    assert config["vocab_size"] == TEST_VOCAB_SIZE and config["hidden_size"] == 64
+
+
+def test_wandb_offline_writes_a_run(sample_tokenizer, sample_tokenized, tmp_path):
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=2",
+                   "training_args.warmup_steps=0", "training_args.do_eval=false", "extra_args.sample_every=1",
+                   "extra_args.checkpointing_steps=null", env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["training_args.push_to_hub=true", "training_args.hub_model_id=me/model"],
+     "push_to_hub is on but the Hugging Face Hub cannot be reached"),
+    (["model_args.tokenizer_name=/nowhere/tokenizer"], "tokenizer '/nowhere/tokenizer' is not a local folder"),
+    (["training_args.resume_from_checkpoint=/nowhere/step_4"], "is not a complete checkpoint folder"),
+    (["model_args.train_from_scratch=false", "model_args.model_to_train=someone/missing"],
+     "'someone/missing' is not a local folder and cannot be fetched"),
+])
+def test_refusals_before_training(sample_tokenizer, sample_tokenized, tmp_path, extra, message):
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=2",
+                   "training_args.warmup_steps=0", *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "out").glob("step_*")) and not (tmp_path / "out" / "final-checkpoint").exists()
+
+
+def test_unwritable_output_dir_is_refused(sample_tokenizer, sample_tokenized, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = train(sample_tokenizer, sample_tokenized, blocker / "out", "training_args.max_steps=2",
+                   "training_args.warmup_steps=0")
+    assert result.returncode == 2 and "cannot write to training_args.output_dir" in result.stderr
+
+
+def test_weight_decay_skips_norms_and_biases():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    module = load_module()
+    from specifications import load_spec
+
+    spec = load_spec(REPO / "specs-tiny.yaml")
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    model.extra_bias = torch.nn.Parameter(torch.zeros(32))
+    optimizer = module.build_optimizer(model, spec)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[0]["weight_decay"] == spec.training.weight_decay
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert "model.embed_tokens.weight" in decayed and "lm_head.weight" in decayed
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight", "extra_bias"} <= plain
+    assert not any("norm" in n for n in decayed)
+
+
+class FakeHub:
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def create_branch(self, repo_id, branch, exist_ok):
+        self.calls.append(("branch", repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, revision, commit_message, ignore_patterns, run_as_future):
+        from concurrent.futures import Future
+
+        self.calls.append(("upload", repo_id, folder_path, revision, tuple(ignore_patterns)))
+        future = Future()
+        if self.fail_on == revision:
+            future.set_exception(ConnectionError("Hub is down"))
+        else:
+            future.set_result("ok")
+        return future
+
+
+def test_hub_pushes_a_branch_per_checkpoint_and_final_to_main(tmp_path):
+    module = load_module()
+    messages = []
+    hub = module.HubPusher(FakeHub(fail_on="step-200"), "me/model", say=messages.append)
+    hub.push(tmp_path / "step_100", "step-100")
+    hub.push(tmp_path / "step_200", "step-200")
+    hub.push(tmp_path / "final-checkpoint", None)
+    hub.wait()
+    calls = hub.api.calls
+    assert ("branch", "me/model", "step-100") in calls and ("branch", "me/model", "step-200") in calls
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert [(c[2].rsplit("/", 1)[-1], c[3]) for c in uploads] == [
+        ("step_100", "step-100"), ("step_200", "step-200"), ("final-checkpoint", None)]
+    assert all("accelerate_state/*" in c[4] for c in uploads)
+    assert messages == ["warning: could not push step_200 to me/model: Hub is down"]
