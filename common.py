@@ -62,11 +62,13 @@ def require_hub(what: str, name: str) -> None:
                          f"pass a local path instead")
 
 
-def load_text_dataset(name: str, split: str = "train", text_column: str = "text", token: str | None = None):
+def load_text_dataset(name: str, split: str = "train", text_column: str = "text", token: str | None = None,
+                      text_column_flag: str = "--text_column"):
     """Load a text dataset from a local file/folder or the Hub, as a `datasets.Dataset` with `text_column`.
 
     Local forms: a .txt file (one document per line, blank lines skipped), .jsonl/.json, .parquet, .csv, a folder of
-    such files, or a folder written by `save_to_disk` (a DatasetDict is indexed by `split`).
+    such files, or a folder written by `save_to_disk` (a DatasetDict is indexed by `split`). `text_column_flag` is
+    the calling script's spelling of its text-column option, named in the message when the column is missing.
     """
     import datasets
 
@@ -85,7 +87,7 @@ def load_text_dataset(name: str, split: str = "train", text_column: str = "text"
                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     if text_column not in dataset.column_names:
         raise InputError(f"dataset '{name}' has no column '{text_column}' (columns: "
-                         f"{', '.join(dataset.column_names) or 'none'}); pass --text_column with one of them")
+                         f"{', '.join(dataset.column_names) or 'none'}); pass {text_column_flag} with one of them")
     dataset = dataset.select_columns([text_column])
     if dataset.num_rows == 0:
         raise InputError(f"dataset '{name}' is empty; give a dataset with at least one document")

@@ -17,30 +17,20 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from checkpointing import (StopSignals, TrainState, agree_on_step, check_free_space, read_train_state,  # noqa: E402
+                           remove_leftovers, resolve_resume, save_checkpoint, skip_step, stop_for_signal,
+                           truncate_metrics)
 from common import InputError, hub_reachable, looks_local, run_main, sha256_file  # noqa: E402
 from specifications import Spec, parse_cli  # noqa: E402
 
 RECENT_LOSSES = 20
 SAMPLE_MAX_NEW_TOKENS = 48
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint must remember beyond the weights and the optimizer to continue exactly."""
-    step: int = 0
-    samples_consumed: int = 0
-    tokens_seen: int = 0
-    window_loss_sum: float = 0.0
-    window_steps: int = 0
-    recent_losses: list = field(default_factory=list)
 
 
 def main(argv=None):
@@ -56,25 +46,31 @@ def main(argv=None):
 
 def setup(spec: Spec):
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
+
+    import throughput
 
     output_dir = check_output_dir(spec.training.output_dir)
     hub = open_hub(spec) if spec.training.push_to_hub else None
     tracking = tracking_enabled(spec)
-    accelerator = Accelerator(mixed_precision=spec.extra.mixed_precision,
-                              gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
-                              log_with="wandb" if tracking else None)
+    accelerator = make_accelerator(spec, tracking)
     say = accelerator.print
     tokenizer = load_tokenizer(spec)
     vocab_size = reconcile_vocab_size(spec, len(tokenizer), say)
     train_split, test_split = open_data(spec, tokenizer, vocab_size)
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)
+    accelerator.wait_for_everyone()
     resume_from = resolve_resume(spec, output_dir, say)
 
     set_seed(spec.training.seed)
     model = build_model(spec, tokenizer, vocab_size, say)
+    # Before prepare(), so the chunked loss and compile sit inside the forward that DDP and FSDP wrap.
+    throughput.prepare_model(model, spec.training, accelerator.device,
+                             sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
     optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
     max_steps = plan_max_steps(spec, train_split, accelerator.num_processes) if spec.training.do_train else 0
+    check_free_space(output_dir, count_parameters(model), spec, max_steps, say)
     scheduler = build_scheduler(optimizer, spec, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
@@ -91,6 +87,7 @@ def setup(spec: Spec):
         accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
                                   init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
     run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state)
+    run.last_checkpoint = run.resumed_from = resume_from
     if spec.training.do_train:
         say(f"training {count_parameters(accelerator.unwrap_model(model)):,} parameters for {max_steps} optimizer "
             f"steps of {tokens_per_step(spec, accelerator.num_processes):,} tokens on "
@@ -99,11 +96,62 @@ def setup(spec: Spec):
     finish(run, test_split)
 
 
+def make_accelerator(spec: Spec, tracking: bool):
+    """The Accelerator for this launch; refuses a launch that accelerate would quietly run as something else."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    accelerator = Accelerator(mixed_precision=spec.extra.mixed_precision,
+                              gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
+                              log_with="wandb" if tracking else None, fsdp_plugin=fsdp2_plugin(spec))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    problem = None
+    if launched > 1 and accelerator.num_processes != launched:
+        # Without a GPU and without ACCELERATE_USE_CPU, accelerate gives every process a run of its own: each
+        # would train alone on its shard and all would write the same output_dir.
+        problem = (f"{launched} processes were launched but each sees only itself: there is no GPU; to train on the "
+                   f"CPU set ACCELERATE_USE_CPU=1 in the launcher's environment")
+    elif (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ
+          and parse_flag_from_env("ACCELERATE_USE_CPU")):
+        problem = ("'accelerate launch --cpu' starts a single process (several need its --mpirun_hostfile); for N "
+                   "processes on the CPU run: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+                   "pre-training.py ...")
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        problem = (f"an FSDP launch config was given but accelerate runs {accelerator.distributed_type.value} here: "
+                   f"accelerate shards with FSDP only on GPUs (and similar devices); on the CPU launch without the "
+                   f"FSDP config")
+    if problem is not None:
+        accelerator.end_training()  # a process leaving with its process group alive can abort instead of exiting 2
+        raise InputError(problem)
+    return accelerator
+
+
+def fsdp2_plugin(spec: Spec):
+    """For an FSDP2 launch in bf16 or fp16: weights gathered and used in that dtype, but gradients reduced in float32
+    and outputs left in the dtype they were computed in, as data parallel with autocast does. None otherwise, which
+    leaves everything to accelerate and the launch config."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.extra.mixed_precision)
+    if half is None or not parse_flag_from_env("ACCELERATE_USE_FSDP") or os.environ.get("FSDP_VERSION") != "2":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # accelerate's own policy reduces gradients in half precision and casts the model's outputs to it, so a loss
+    # computed inside the forward (the chunked loss) would be logged with three significant digits.
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=half,
+                                                                                      reduce_dtype=torch.float32))
+
+
 def check_output_dir(path: str) -> Path:
+    import platform
+
     output_dir = Path(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
+        # Every process of every machine probes; on a shared folder, containers on two machines can share a pid.
+        probe = output_dir / f".write-probe-{platform.node()}-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -252,14 +300,18 @@ def configure_generation(model, tokenizer):
 
 
 def build_optimizer(model, spec: Spec, device=None):
-    """AdamW with weight decay on the matrices (embeddings included), none on norm weights or biases."""
+    """AdamW with weight decay on the matrices (embeddings included), none on norm weights or biases; the fused
+    kernel when `fused_optimizer` is on and this torch has it for `device` (None: the CPU)."""
     import torch
+
+    import throughput
 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     t = spec.training
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    return throughput.adamw(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                            fused=t.fused_optimizer, device=device or torch.device("cpu"))
 
 
 def tokens_per_step(spec: Spec, num_processes: int) -> int:
@@ -295,66 +347,6 @@ def count_parameters(model) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and resuming
-
-def resolve_resume(spec: Spec, output_dir: Path, say) -> Path | None:
-    wanted = spec.training.resume_from_checkpoint
-    if not wanted:
-        return None
-    if wanted == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            say(f"note: resume_from_checkpoint is 'latest' but {output_dir} holds no checkpoint; starting fresh")
-        return found
-    path = Path(wanted)
-    if not (path / "trainer_state.json").is_file() or not (path / "accelerate_state").is_dir():
-        raise InputError(f"training_args.resume_from_checkpoint '{wanted}' is not a complete checkpoint folder "
-                         f"(no trainer_state.json or accelerate_state/); give output_dir/step_N or 'latest'")
-    return path
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The highest complete step_N folder; folders still being written carry a dot prefix and are ignored."""
-    steps = []
-    for folder in output_dir.glob("step_*"):
-        suffix = folder.name.removeprefix("step_")
-        if suffix.isdigit() and (folder / "trainer_state.json").is_file():
-            steps.append((int(suffix), folder))
-    return max(steps)[1] if steps else None
-
-
-def read_train_state(folder: Path) -> TrainState:
-    saved = json.loads((folder / "trainer_state.json").read_text())
-    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
-
-
-def save_checkpoint(run, name: str):
-    """Write output_dir/<name>/ completely under a hidden name, then rename it into place."""
-    accelerator = run.accelerator
-    final = run.output_dir / name
-    staging = run.output_dir / f".{name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / "accelerate_state"))
-    state_dict = accelerator.get_state_dict(run.model)  # every process takes part under FSDP
-    unwrapped = accelerator.unwrap_model(run.model)
-    unwrapped.save_pretrained(staging, state_dict=state_dict, is_main_process=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        run.tokenizer.save_pretrained(staging)
-        (staging / "spec.yaml").write_text(run.spec.to_yaml(), encoding="utf-8")
-        state = dict(run.state.__dict__, name=name, tokens_per_step=tokens_per_step(run.spec,
-                                                                                     accelerator.num_processes))
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 class Run:
@@ -365,12 +357,16 @@ class Run:
         self.optimizer, self.scheduler, self.tokenizer = optimizer, scheduler, tokenizer
         self.output_dir, self.hub, self.state = output_dir, hub, state
         self.samples = []
+        self.tokens_per_step = tokens_per_step(spec, accelerator.num_processes)
+        # The step_N folder a rollback returns to (the newest saved or resumed from), and the one never pruned.
+        self.last_checkpoint = self.resumed_from = None
 
 
 def fit(run: Run, train_split, test_split, max_steps: int):
     import torch
     from tqdm.auto import tqdm
 
+    import throughput
     from tokenized_data import TrainBatches
 
     spec, accelerator, model, state = run.spec, run.accelerator, run.model, run.state
@@ -387,6 +383,7 @@ def fit(run: Run, train_split, test_split, max_steps: int):
     window_loss = torch.tensor(state.window_loss_sum, device=accelerator.device)
     window_start, window_tokens = time.perf_counter(), 0
     grad_norm = None
+    signals = StopSignals()
     model.train()
     try:
         while state.step < max_steps:
@@ -396,24 +393,40 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                 with accelerator.accumulate(model):
                     loss = causal_lm_loss(model, input_ids)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm is not None:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach()
+                    step_loss += loss.detach()
+                    if accelerator.sync_gradients:
+                        # Without clipping, an infinite threshold still returns the norm to check.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+                        # Deciding whether to apply the update reads two flags on the host: one sync per optimizer
+                        # step (and one tiny all-reduce across processes, which also carries the stop request).
+                        # Measured at 30-50 us a step on the CPU; on a GPU the host waits for the backward pass
+                        # before queuing the optimizer step, a bubble of a few kernel launches. Skipping on the
+                        # device instead needs a fused optimizer's found_inf or a copy of the weights.
+                        verdict = agree_on_step(accelerator, step_loss, norm, signals.received is not None)
+                        if verdict.apply_update:
+                            run.optimizer.step()
+                        run.optimizer.zero_grad(set_to_none=True)
+            # A skipped step still consumes its batches and advances the step and the schedule; only the
+            # weights and the optimizer's moments stay as they were.
             run.scheduler.step()
-            window_loss += step_loss / t.gradient_accumulation_steps
             state.step += 1
-            state.window_steps += 1
             state.samples_consumed += samples_per_step
             state.tokens_seen += step_tokens
             window_tokens += step_tokens
             progress.update(1)
-            if state.step % e.wandb_log_steps == 0 or state.step == max_steps:
+            if verdict.finite:
+                window_loss += step_loss / t.gradient_accumulation_steps
+                state.window_steps += 1
+                state.skipped_in_a_row = 0
+                grad_norm = norm
+            elif skip_step(run, write_metrics):  # past the limits it rolls back to the last checkpoint, or stops
+                window_loss.fill_(state.window_loss_sum)
+                progress.n = state.step
+                continue
+            if (state.step % e.wandb_log_steps == 0 or state.step == max_steps) and state.window_steps:
                 record = log_train_step(run, window_loss, grad_norm, window_tokens / (time.perf_counter()
                                                                                         - window_start))
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                     tok_s=f"{record['tokens_per_second']:,.0f}")
+                progress.set_postfix(throughput.progress_postfix(record))
                 window_loss.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
             if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
@@ -422,9 +435,14 @@ def fit(run: Run, train_split, test_split, max_steps: int):
             if e.sample_every and state.step % e.sample_every == 0:
                 sample_and_log(run)
             if e.checkpointing_steps and state.step % e.checkpointing_steps == 0 and state.step < max_steps:
-                state.window_loss_sum = float(window_loss)
+                # Each process sums its own losses; the checkpoint keeps their mean, which is what the next
+                # logged loss averages, so every process resumes with the same, right share.
+                state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
                 folder = save_checkpoint(run, f"step_{state.step}")
                 push_checkpoint(run, folder, f"step-{state.step}")
+            if verdict.stop:
+                state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
+                stop_for_signal(run, signals)
     finally:
         batches.close()
         progress.close()
@@ -432,6 +450,10 @@ def fit(run: Run, train_split, test_split, max_steps: int):
 
 def causal_lm_loss(model, input_ids):
     """Mean next-token cross-entropy over every position of the packed blocks."""
+    import throughput
+
+    if throughput.fast_loss_of(model) is not None:  # chunked and/or compiled, inside the model's own forward
+        return throughput.fast_loss(model, input_ids, "mean")
     per_sequence = causal_lm_token_losses(model, input_ids)
     return per_sequence.sum() / per_sequence.new_tensor(per_sequence.numel() * (input_ids.shape[1] - 1))
 
@@ -440,6 +462,10 @@ def causal_lm_token_losses(model, input_ids):
     """Summed next-token cross-entropy of each sequence (shape [batch]), computed in float32."""
     import torch.nn.functional as F
 
+    import throughput
+
+    if throughput.fast_loss_of(model) is not None:
+        return throughput.fast_loss(model, input_ids, "per_sequence")
     logits = model(input_ids=input_ids).logits[:, :-1]
     targets = input_ids[:, 1:]
     losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -452,13 +478,23 @@ def log_train_step(run: Run, window_loss, grad_norm, tokens_per_second: float) -
     record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": float(mean_loss),
               "learning_rate": run.scheduler.get_last_lr()[0],
               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-              "tokens_per_second": tokens_per_second}
+              "tokens_per_second": tokens_per_second,
+              **throughput_telemetry(run, tokens_per_second)}
     state.recent_losses = (state.recent_losses + [record["loss"]])[-RECENT_LOSSES:]
     state.window_steps = 0
     state.window_loss_sum = 0.0
     write_metrics(run, record)
     return record
 
+
+def throughput_telemetry(run: Run, tokens_per_second: float) -> dict:
+    """MFU and GPU memory of the window just logged; reads host-side counters only, so adds no device sync."""
+    import throughput
+
+    accelerator, spec = run.accelerator, run.spec
+    return throughput.step_telemetry(accelerator.unwrap_model(run.model).config, block_size=spec.data.block_size,
+                                     tokens_per_second=tokens_per_second, num_processes=accelerator.num_processes,
+                                     device=accelerator.device, peak_override=spec.training.mfu_peak_tflops)
 
 def write_metrics(run: Run, record: dict):
     if run.accelerator.is_main_process:
@@ -468,17 +504,14 @@ def write_metrics(run: Run, record: dict):
         run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
-def truncate_metrics(path: Path, step: int):
-    """Drop lines logged after `step`, so a resumed run continues the file as if never stopped."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def evaluate(run: Run, test_split) -> dict:
-    """Loss as the mean over every token of the whole test split, each row counted once across processes."""
+    """Loss as the mean over every token of the whole test split, each row counted once whatever the process count.
+
+    Every process runs the same number of batches (collective forwards under FSDP never wait on a finished one);
+    rows that only pad a batch weigh 0. Each process sums its weighted losses and token counts in float64 and the
+    sums are added across processes: the same exact result as gathering every row with gather_for_metrics, without
+    depending on where the padding falls.
+    """
     import torch
 
     from tokenized_data import eval_batches
@@ -509,33 +542,65 @@ def evaluate_and_log(run: Run, test_split) -> dict:
     return result
 
 
-def sample_and_log(run: Run) -> str:
-    """Generate from one of the prompts on the model's own device, then return to training mode."""
-    import torch
+def sample_and_log(run: Run) -> str | None:
+    """Generate from one of the prompts on the main process (None on the others), then return to training mode.
 
-    spec, accelerator = run.spec, run.accelerator
-    prompt = random.Random(spec.training.seed + run.state.step).choice(spec.extra.generation_seeds)
-    model = accelerator.unwrap_model(run.model)
-    inputs = run.tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+    Every process must call it: under FSDP no process holds the whole model, so all of them gather the weights
+    and the main process samples from a plain copy; otherwise the main process samples from its own replica.
+    """
+    import contextlib
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    spec, accelerator, step = run.spec, run.accelerator, run.state.step
+    if accelerator.distributed_type == DistributedType.FSDP:
+        model, autocast = gathered_model_copy(run), contextlib.nullcontext()
+    else:
+        model = accelerator.unwrap_model(run.model) if accelerator.is_main_process else None
+        autocast = accelerator.autocast()
+    if model is None:
+        return None
+    prompt = random.Random(spec.training.seed + step).choice(spec.extra.generation_seeds)
+    inputs = run.tokenizer(prompt, return_tensors="pt").to(model.device)
     model.eval()
     # A private RNG stream: sampling neither depends on nor disturbs the training's random state.
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
-        torch.manual_seed(spec.training.seed + run.state.step)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
+        torch.manual_seed(spec.training.seed + step)
         output = model.generate(**inputs, use_cache=True)
     model.train()
-    model.config.use_cache = False
     text = run.tokenizer.decode(output[0], skip_special_tokens=True)
-    run.samples.append([run.state.step, prompt, text])
-    if accelerator.is_main_process:
-        with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": run.state.step, "prompt": prompt, "text": text},
-                                    ensure_ascii=False) + "\n")
-    accelerator.print(f"step {run.state.step} sample: {text!r}")
+    run.samples.append([step, prompt, text])
+    with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+    accelerator.print(f"step {step} sample: {text!r}")
     if accelerator.trackers:
         tracker = accelerator.get_tracker("wandb")
-        tracker.log_table("samples", columns=["step", "prompt", "text"], data=run.samples, step=run.state.step)
+        tracker.log_table("samples", columns=["step", "prompt", "text"], data=run.samples, step=step)
     return text
+
+
+def gathered_model_copy(run: Run):
+    """The FSDP-sharded model as a plain copy in the main process's CPU memory; None on the other processes.
+
+    Every process must call it (gathering the shards is a collective). Sampling from the copy keeps generation off
+    the sharded model, whose every forward would be a collective that all processes must repeat in lockstep.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    accelerator = run.accelerator
+    state_dict = accelerator.get_state_dict(run.model)  # full tensors on the main process's CPU, empty elsewhere
+    if not accelerator.is_main_process:
+        return None
+    original = accelerator.unwrap_model(run.model)
+    with init_empty_weights():  # no time spent initialising weights that are replaced at once
+        copy = AutoModelForCausalLM.from_config(original.config)
+    copy.load_state_dict(state_dict, assign=True)
+    copy.tie_weights()
+    copy.generation_config = original.generation_config
+    return copy
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -112,6 +112,11 @@ class TrainingArguments:
     gradient_checkpointing: bool = spec_field(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
     seed: int = spec_field(42, "Seed for the model's initialization, the data order and sampling.", minimum=0)
     dataloader_pin_memory: bool = spec_field(True, "Pin host memory for faster, asynchronous copies to the GPU.")
+    compile_model: bool = spec_field(True, "torch.compile the model's training forward and backward (the first step takes a minute or more longer; on the CPU it needs a C++ compiler).")
+    fused_optimizer: bool = spec_field(True, "Use the fused AdamW kernel where this torch has one for the device (torch's default AdamW otherwise).")
+    cross_entropy_chunk_tokens: int | None = spec_field(4096, "Compute the output head and cross-entropy this many tokens at a time, so the whole batch's logits never exist at once (null: the model's full logits).", minimum=1)
+    allow_tf32: bool = spec_field(True, "Let float32 matmuls outside autocast use TF32 tensor cores (CUDA only).")
+    mfu_peak_tflops: float | None = spec_field(None, "Peak bf16 TFLOP/s of one device that MFU is reported against (null: looked up from the GPU's name).", exclusive_minimum=0)
     push_to_hub: bool = spec_field(False, "Push checkpoints (branch step-N) and the final model (main) to `hub_model_id`.")
     resume_from_checkpoint: str | None = spec_field(None, "Resume from a checkpoint folder (output_dir/step_N) or `latest`.")
     max_skipped_steps: int = spec_field(5, "Optimizer steps in a row with a non-finite loss or gradient norm that are skipped before rolling back to the last checkpoint.", minimum=1)
@@ -257,6 +262,8 @@ def convert(value, annotation, spec: dataclasses.Field, where: str, problems: li
             return True, False
         problems.append(f"{where}: must not be null; give a {type_name(base)}")
         return False, None
+    if base is str and value is False and "no" in (spec.metadata.get("choices") or ()):
+        value = "no"  # YAML 1.1 reads an unquoted `no` as false
     converted = coerce(value, base)
     if converted is None:
         problems.append(f"{where}: expected {type_name(base)}, got {value!r}")
@@ -401,3 +408,8 @@ def markdown_table() -> str:
             shown = "…" if isinstance(default, list) else yaml.safe_dump(default).strip().removesuffix("\n...")
             lines.append(f"| `{group_name}` | `{f.name}` | `{shown}` | {f.metadata['help']} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # `python specifications.py` prints the field table that README.md carries.
+    print(markdown_table())

@@ -238,3 +238,9 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not output_dir.exists()
     assert "processes: 4" in result.stdout
     assert "tokens: 1,048,576,000" in result.stdout  # 8 x 4 x 8 x 2048 x 2000
+
+
+def test_unquoted_no_means_the_choice_no(tmp_path):
+    path = write(tmp_path, "training_args:\n  evaluation_strategy: no\nextra_args:\n  mixed_precision: no\n")
+    spec = load_spec(path, ["extra_args.mixed_precision=no"])
+    assert (spec.training.evaluation_strategy, spec.extra.mixed_precision) == ("no", "no")

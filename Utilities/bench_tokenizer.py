@@ -1,0 +1,252 @@
+"""Tokenizer training: train-sentencepiece.py against the original's approach, on the same synthetic corpus.
+
+    python Utilities/benchmark.py tokenizer                    # 100 MB corpus, vocabulary 32000
+    python Utilities/benchmark.py tokenizer --size-mb 300 --repeats 2
+
+The corpus is built offline and deterministically from data/sample/pt-sample.jsonl: its sentences recombined, with
+fresh numbers and swapped words, into documents of one to four paragraphs, saved with `save_to_disk` under
+--work-dir and reused by later runs of the same size and seed. The original approach loads it, shuffles, and hands
+the whole text column as one Python list to `SentencePieceBPETokenizer.train_from_iterator`; ours runs
+train-sentencepiece.py. Each variant runs in its own process, timed from start to exit; its peak memory is that
+process's max RSS (which counts the pages of memory-mapped files it touched) and, on Linux, the peak of its heap
+alone (RssAnon, sampled every 20 ms). Also measured, in this process: how fast each saved tokenizer encodes
+(encode_batch_fast, MB/s over the first --encode-mb of the corpus) and its characters per token.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common import InputError, atomic_dir  # noqa: E402
+
+NUMBER = re.compile(r"\d+")
+SENTENCE_END = re.compile(r"(?<=[.!?:;])[ ]+|\n+")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size-mb", type=float, default=100.0, help="size of the synthetic corpus, in MB of UTF-8")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary both variants train")
+    parser.add_argument("--sample", default=str(REPO / "data" / "sample" / "pt-sample.jsonl"),
+                        help="JSON lines corpus (field 'text') the synthetic corpus is recombined from")
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-tokenizer"),
+                        help="where the corpus is kept and the tokenizers are written")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, alternated; best time kept")
+    parser.add_argument("--encode-mb", type=float, default=20.0, help="MB of the corpus to time encoding on")
+
+
+def run(args) -> None:
+    if args.size_mb <= 0 or args.repeats < 1:
+        raise InputError("--size-mb must be positive and --repeats at least 1")
+    work_dir = Path(args.work_dir)
+    corpus = build_corpus(Path(args.sample), args.size_mb, args.seed, work_dir)
+    commands = {
+        "original": [sys.executable, __file__, "original", str(corpus), str(args.vocab_size),
+                     str(work_dir / "original")],
+        "ours": [sys.executable, str(REPO / "train-sentencepiece.py"), "--dataset_name", str(corpus),
+                 "--vocab_size", str(args.vocab_size), "--num_samples", str(2**62), "--output_dir",
+                 str(work_dir / "ours"), "--overwrite"],
+    }
+    runs = {name: [] for name in commands}
+    for _ in range(args.repeats):
+        for name, command in commands.items():
+            runs[name].append(run_measured(command, work_dir / f"{name}.log"))
+    texts = corpus_head(corpus, args.encode_mb)
+    corpus_mb = sum(path.stat().st_size for path in corpus.glob("data-*.arrow")) / 1e6
+    results = {}
+    for name in commands:
+        results[name] = {
+            "benchmark": "tokenizer", "variant": name, "corpus_mb": round(corpus_mb, 1),
+            "documents": documents_trained(name, corpus, work_dir), "vocab_size": args.vocab_size,
+            "seconds": round(min(r["seconds"] for r in runs[name]), 2),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs[name]), 1),
+            "peak_anon_mb": max((round(r["peak_anon_mb"], 1) for r in runs[name] if r["peak_anon_mb"]), default=None),
+            **encoding_speed(work_dir / name / "tokenizer.json", texts),
+        }
+        print(json.dumps(results[name]), flush=True)
+    original, ours = results["original"], results["ours"]
+    print(f"ours against the original: {ours['seconds'] / original['seconds']:.2f}x the time, "
+          f"{original['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x less peak memory, "
+          f"{ours['encode_mb_per_second'] / original['encode_mb_per_second']:.2f}x the encoding speed")
+
+
+def load_pieces(sample: Path) -> tuple[list[str], list[str]]:
+    """Sentences and distinct words of the sample, in a fixed order."""
+    if not sample.is_file():
+        raise InputError(f"sample corpus '{sample}' does not exist; pass --sample with a JSON lines file")
+    with open(sample, encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle if line.strip()]
+    sentences = [s for text in texts for s in SENTENCE_END.split(text) if s.strip()]
+    return sentences, sorted({word for sentence in sentences for word in sentence.split(" ") if word})
+
+
+def synthetic_documents(sentences: list[str], words: list[str], size_bytes: int, seed: int):
+    """Documents of recombined sentences until `size_bytes` of UTF-8 are out; the same for the same seed."""
+    rng = random.Random(seed)
+
+    def renumber(match):
+        return str(rng.randrange(10 ** len(match.group())))
+
+    written = 0
+    while written < size_bytes:
+        paragraphs = []
+        for _ in range(rng.randint(1, 4)):
+            parts = []
+            for _ in range(rng.randint(1, 6)):
+                sentence = rng.choice(sentences)
+                if rng.random() < 0.5:
+                    sentence = NUMBER.sub(renumber, sentence)
+                if rng.random() < 0.5:
+                    pieces = sentence.split(" ")
+                    for _ in range(rng.randint(1, 3)):
+                        pieces[rng.randrange(len(pieces))] = rng.choice(words)
+                    sentence = " ".join(pieces)
+                parts.append(sentence)
+            paragraphs.append(" ".join(parts))
+        document = "\n\n".join(paragraphs)
+        written += len(document.encode("utf-8"))
+        yield document
+
+
+def build_corpus(sample: Path, size_mb: float, seed: int, work_dir: Path) -> Path:
+    """The synthetic corpus as a save_to_disk folder, built once per size and seed."""
+    folder = work_dir / f"corpus-{size_mb:g}mb-seed{seed}"
+    if (folder / "dataset_info.json").exists():
+        return folder
+    import datasets
+
+    datasets.disable_progress_bars()
+    sentences, words = load_pieces(sample)
+    generator_cache = work_dir / ".generator-cache"
+
+    def rows():
+        for document in synthetic_documents(sentences, words, int(size_mb * 1e6), seed):
+            yield {"text": document}
+
+    with atomic_dir(folder) as temporary:
+        dataset = datasets.Dataset.from_generator(rows, features=datasets.Features({"text": datasets.Value("string")}),
+                                                  cache_dir=str(generator_cache))
+        dataset.save_to_disk(str(temporary))
+        del dataset
+        shutil.rmtree(generator_cache, ignore_errors=True)
+    return folder
+
+
+def run_measured(command: list[str], log_path: Path) -> dict:
+    """Run `command` to completion: its wall seconds, its own peak resident memory (max RSS) and the peak of its
+    heap alone (RSS less mapped files), sampled every 20 ms where /proc exists."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    with open(log_path, "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        anon_peak_kib = [None]
+        sampler = threading.Thread(target=sample_anon_memory, args=(process.pid, anon_peak_kib), daemon=True)
+        sampler.start()
+        # wait4 gives this one child's rusage; RUSAGE_CHILDREN would mix the variants' peaks together.
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        sampler.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss * rss_unit / 2**20,
+            "peak_anon_mb": None if anon_peak_kib[0] is None else anon_peak_kib[0] / 1024}
+
+
+def sample_anon_memory(pid: int, peak_kib: list) -> None:
+    """Keep in peak_kib[0] the largest RssAnon of `pid` seen until the process is gone."""
+    status_file = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            fields = dict(line.split(":", 1) for line in status_file.read_text().splitlines() if ":" in line)
+            if "RssAnon" not in fields:  # a zombie waiting to be reaped: its memory is already gone
+                return
+            peak_kib[0] = max(peak_kib[0] or 0, int(fields["RssAnon"].split()[0]))
+        except (OSError, ValueError):
+            return
+        time.sleep(0.02)
+
+
+def corpus_head(corpus: Path, megabytes: float) -> list[str]:
+    import datasets
+
+    texts, size = [], 0
+    for batch in datasets.load_from_disk(str(corpus)).iter(batch_size=1000):
+        for text in batch["text"]:
+            texts.append(text)
+            size += len(text.encode("utf-8"))
+            if size >= megabytes * 1e6:
+                return texts
+    return texts
+
+
+def encoding_speed(tokenizer_json: Path, texts: list[str]) -> dict:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+    best_seconds = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        best_seconds = min(best_seconds, time.perf_counter() - started)
+    num_tokens = sum(len(encoding.ids) for encoding in encodings)
+    return {"encode_mb_per_second": round(megabytes / best_seconds, 2),
+            "characters_per_token": round(sum(map(len, texts)) / max(num_tokens, 1), 3)}
+
+
+def documents_trained(name: str, corpus: Path, work_dir: Path) -> int:
+    if name == "ours":  # a few documents are held out for its report
+        return json.loads((work_dir / "ours" / "tokenizer_report.json").read_text())["documents_trained"]
+    import datasets
+
+    return datasets.load_from_disk(str(corpus)).num_rows
+
+
+def train_like_original(corpus: str, vocab_size: int, output_dir: str) -> None:
+    """The original script's steps, on a local corpus: list of every text, SentencePieceBPETokenizer, Llama 2's
+    pipeline copied into the result, saved through transformers."""
+    import datasets
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    dataset = datasets.load_from_disk(corpus)
+    dataset = dataset.shuffle(seed=42).select(range(dataset.num_rows))
+    texts = list(dataset["text"])  # the list datasets < 4 returned for dataset['text'] (4+ returns a lazy Column)
+    tokenizer = SentencePieceBPETokenizer()
+    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    settings = load_train_sentencepiece().llama2_settings()
+    spec = json.loads(tokenizer._tokenizer.to_str())
+    spec.update({key: settings[key] for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder")})
+    spec["model"].update(byte_fallback=settings["byte_fallback"], fuse_unk=settings["fuse_unk"])
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer_file = Path(output_dir) / "tokenizer.json"
+    tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", padding_side="right").save_pretrained(output_dir)
+
+
+def load_train_sentencepiece():
+    spec = importlib.util.spec_from_file_location("train_sentencepiece", REPO / "train-sentencepiece.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["original"]:
+    train_like_original(sys.argv[2], int(sys.argv[3]), sys.argv[4])

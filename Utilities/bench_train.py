@@ -1,0 +1,337 @@
+"""The training step: a loop like the original scripts' against pre-training.py's, on the same synthetic tokens.
+
+    python Utilities/benchmark.py train --spec-file specs.yaml                    # 160M on the GPU (if there is one)
+    python Utilities/benchmark.py train --spec-file specs-460m.yaml --micro-batch 8
+    python Utilities/benchmark.py train --spec-file specs-tiny.yaml --device cpu --timed-steps 5
+    python Utilities/benchmark.py train --spec-file specs.yaml training_args.compile_model=false   # spec overrides
+    python Utilities/benchmark.py train --spec-file specs.yaml --find-micro-batch  # GPU: doubling; CPU: estimate
+
+Both variants start from the same initialization, see the same tokens and run at the spec's mixed_precision:
+  original  fp32 weights with autocast, foreach AdamW, the model's own loss (model(input_ids, labels=...)), eager,
+            batches copied from pageable memory;
+  ours      the spec's speed settings applied by pre-training.py's own functions (throughput.prepare_model,
+            build_optimizer, causal_lm_loss), batches copied from pinned memory without blocking.
+Each runs --warmup-steps optimizer steps (compiling happens there), then --timed-steps timed ones of
+gradient_accumulation_steps micro-batches, with the spec's gradient clipping and no host sync inside the timed steps.
+One JSON line per variant (tokens/s, MFU and the peak it is measured against, peak memory, losses), then a "ratios"
+line. The synthetic tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
+
+--find-micro-batch: on a GPU, doubles the micro-batch of `ours` from 1 until it runs out of memory (measured);
+on the CPU, estimates each micro-batch's peak from the activations an eager forward pass saves, against
+--memory-gib (an estimate: compile and the allocator change the real figure).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ("original", "ours")
+HEADROOM = 0.9  # the share of a GPU's memory an estimate may fill: the allocator fragments and CUDA holds some
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--spec-file", default=str(REPO / "specs.yaml"), help="spec whose model and settings to run")
+    parser.add_argument("overrides", nargs="*", metavar="group.key=value", help="spec overrides, as pre-training.py")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                        help="auto: the GPU when there is one")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default: the spec's)")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=None, help="default: the spec's")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed optimizer steps first (compiling)")
+    parser.add_argument("--timed-steps", type=int, default=10, help="optimizer steps timed")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and the tokens")
+    parser.add_argument("--find-micro-batch", action="store_true",
+                        help="find the largest micro-batch that fits instead (GPU: measured; CPU: estimated)")
+    parser.add_argument("--max-micro-batch", type=int, default=256, help="where --find-micro-batch stops doubling")
+    parser.add_argument("--memory-gib", type=float, default=80.0,
+                        help="GPU memory the CPU estimate of --find-micro-batch is made for")
+
+
+def run(args) -> None:
+    import torch
+
+    from common import InputError
+
+    from specifications import load_spec
+
+    pre_training = load_pre_training()
+    spec = load_spec(args.spec_file, args.overrides)
+    if spec.extra.mixed_precision == "fp16":
+        raise InputError("the benchmark runs bf16 or float32 (fp16 needs a gradient scaler it does not model); "
+                         "add extra_args.mixed_precision=bf16")
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS) or not variants:
+        raise InputError(f"--variants '{args.variants}': choose from {', '.join(VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    micro_batch = args.micro_batch or spec.training.per_device_train_batch_size
+    accumulation = args.gradient_accumulation_steps or spec.training.gradient_accumulation_steps
+    if min(micro_batch, accumulation, args.timed_steps, args.max_micro_batch) < 1 or args.warmup_steps < 0:
+        raise InputError("--micro-batch, --gradient-accumulation-steps, --timed-steps and --max-micro-batch must be "
+                         "at least 1, --warmup-steps at least 0")
+    if args.find_micro_batch:
+        find_micro_batch(pre_training, spec, device, args)
+        return
+    results = {}
+    for variant in [v for v in VARIANTS if v in variants]:  # original first: ours switches TF32 on for the process
+        results[variant] = measure(pre_training, spec, variant, device, micro_batch, accumulation, args)
+        print(json.dumps(results[variant]), flush=True)
+    if len(results) == 2:
+        print(json.dumps(ratios(results)), flush=True)
+
+
+def load_pre_training():
+    """pre-training.py as a module (its name has a hyphen)."""
+    module_spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def build(pre_training, spec, variant: str, device, seed: int):
+    """The spec's model on `device` (same initialization for every variant), its optimizer and its loss function."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import throughput
+
+    quiet = lambda message: None  # noqa: E731 - the JSON lines are the output
+    config = model_config(pre_training, spec)
+    torch.manual_seed(seed)
+    attention = pre_training.attention_implementation(spec.model.attn_implementation, quiet)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(device)
+    if variant == "original":
+        torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, which the original scripts kept
+        t = spec.training
+        groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": t.weight_decay},
+                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_epsilon, foreach=True)
+        return model, optimizer, lambda m, input_ids: m(input_ids=input_ids, labels=input_ids).loss
+    throughput.prepare_model(model, spec.training, device, sharded=False, say=quiet)
+    return model, pre_training.build_optimizer(model, spec, device), pre_training.causal_lm_loss
+
+
+def model_config(pre_training, spec):
+    """The model's config as pre-training.py builds it, with the special ids its tokenizers have."""
+    class SpecialIds:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
+
+    return pre_training.llama_config(spec, SpecialIds, spec.model.vocab_size)
+
+
+def synthetic_batches(vocab_size: int, micro_batch: int, block_size: int, count: int, seed: int, pin: bool):
+    """`count` micro-batches in which each token is the previous one plus 1 nine times in ten, random otherwise."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, micro_batch, block_size)
+    jumps = torch.where(torch.rand(shape, generator=generator) < 0.9, 1,
+                        torch.randint(vocab_size, shape, generator=generator))
+    batches = torch.cumsum(jumps, dim=-1) % vocab_size
+    return [b.pin_memory() if pin else b for b in batches.unbind(0)]
+
+
+def train_steps(model, optimizer, loss_fn, batches, steps: int, accumulation: int, spec, device, non_blocking: bool):
+    """`steps` optimizer steps as pre-training.py takes them; returns the step losses still on the device."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.extra.mixed_precision)
+    max_grad_norm = spec.training.max_grad_norm
+    losses = []
+    for step in range(steps):
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accumulation):
+            input_ids = batches[(step * accumulation + micro) % len(batches)].to(device, non_blocking=non_blocking)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(model, input_ids)
+            (loss / accumulation).backward()
+            step_loss += loss.detach()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss / accumulation)
+    return losses
+
+
+def measure(pre_training, spec, variant: str, device, micro_batch: int, accumulation: int, args) -> dict:
+    import torch
+
+    import throughput
+
+    model, optimizer, loss_fn = build(pre_training, spec, variant, device, args.seed)
+    pinned = variant == "ours" and spec.training.dataloader_pin_memory and device.type == "cuda"
+    batches = synthetic_batches(model.config.vocab_size, micro_batch, spec.data.block_size, 2 * accumulation,
+                                args.seed, pinned)
+    with PeakMemory(device) as memory:
+        losses = train_steps(model, optimizer, loss_fn, batches, args.warmup_steps, accumulation, spec, device,
+                             pinned)
+        synchronize(device)
+        started = time.perf_counter()
+        losses += train_steps(model, optimizer, loss_fn, batches, args.timed_steps, accumulation, spec, device, pinned)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    tokens_per_second = args.timed_steps * accumulation * micro_batch * spec.data.block_size / seconds
+    peak, peak_source = throughput.peak_tflops(device, spec.training.mfu_peak_tflops)
+    flops = throughput.flops_per_token(model.config, spec.data.block_size)
+    mfu = throughput.model_flops_utilization(tokens_per_second, flops, peak, 1)
+    result = {"benchmark": "train", "variant": variant, "spec": Path(args.spec_file).name, "device": device.type,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "parameters": throughput.parameter_count(model.config),
+              "micro_batch": micro_batch, "gradient_accumulation_steps": accumulation,
+              "block_size": spec.data.block_size, "mixed_precision": spec.extra.mixed_precision,
+              "settings": settings_of(spec, variant, device), "warmup_steps": args.warmup_steps,
+              "timed_steps": args.timed_steps, "seconds": round(seconds, 3),
+              "tokens_per_second": round(tokens_per_second, 1), "flops_per_token": flops,
+              "mfu": round(mfu, 4) if mfu is not None else None, "peak_tflops": peak, "peak_source": peak_source,
+              "peak_memory_gib": memory.peak_gib, "memory_kind": memory.kind,
+              "losses": [round(float(loss), 5) for loss in losses]}
+    del model, optimizer, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def settings_of(spec, variant: str, device) -> dict:
+    """The speed settings in effect (TF32 and pinned copies exist only on CUDA)."""
+    import throughput
+
+    cuda = device.type == "cuda"
+    if variant == "original":
+        return {"compile_model": False, "fused_optimizer": False, "cross_entropy_chunk_tokens": None,
+                "allow_tf32": False, "pinned_non_blocking": False}
+    t = spec.training
+    return {"compile_model": t.compile_model, "fused_optimizer": t.fused_optimizer and
+            throughput.fused_adamw_supported(device), "cross_entropy_chunk_tokens": t.cross_entropy_chunk_tokens,
+            "allow_tf32": t.allow_tf32 and cuda, "pinned_non_blocking": t.dataloader_pin_memory and cuda}
+
+
+def ratios(results: dict) -> dict:
+    original, ours = results["original"], results["ours"]
+    out = {"benchmark": "train", "variant": "ratios",
+           "ours_over_original_tokens_per_second": round(ours["tokens_per_second"] / original["tokens_per_second"], 3),
+           "max_abs_loss_difference": round(max(abs(a - b) for a, b in zip(original["losses"], ours["losses"])), 5)}
+    if original["peak_memory_gib"] and ours["peak_memory_gib"]:
+        out["ours_over_original_peak_memory"] = round(ours["peak_memory_gib"] / original["peak_memory_gib"], 3)
+    return out
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: the CUDA allocator's peak on a GPU, the process's sampled RSS on the CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak_gib = device, None
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled"
+        self._stop, self._peak_bytes = threading.Event(), 0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        import psutil
+
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self._peak_bytes = max(self._peak_bytes, process.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            self._peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.peak_gib = round(self._peak_bytes / 1024 ** 3, 3)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --find-micro-batch
+
+def find_micro_batch(pre_training, spec, device, args) -> None:
+    import throughput
+
+    report = micro_batch_reporter(spec, device, args)
+    if device.type == "cuda":
+        largest = throughput.find_largest_micro_batch(cuda_trial(pre_training, spec, device, args),
+                                                      args.max_micro_batch, report)
+        method = "measured: doubling on this GPU until out of memory"
+    else:
+        largest = throughput.find_largest_micro_batch(estimate_trial(pre_training, spec, args),
+                                                      args.max_micro_batch, report)
+        method = f"estimated for {args.memory_gib:g} GiB from the activations an eager forward pass saves on the CPU"
+    print(json.dumps({"benchmark": "train", "variant": "largest_micro_batch", "spec": Path(args.spec_file).name,
+                      "largest_micro_batch": largest, "method": method,
+                      "limited_by_max_micro_batch": largest is not None and largest * 2 > args.max_micro_batch}),
+          flush=True)
+
+
+def micro_batch_reporter(spec, device, args):
+    def report(micro_batch: int, result: dict):
+        print(json.dumps({"benchmark": "train", "variant": "micro_batch", "spec": Path(args.spec_file).name,
+                          "device": device.type, "micro_batch": micro_batch, **result}), flush=True)
+    return report
+
+
+def cuda_trial(pre_training, spec, device, args):
+    """A trial runs two optimizer steps of `ours` at one micro-batch (the second with the optimizer's state), the
+    model built once and reused; its seconds include compiling for the new shape."""
+    built = {}
+
+    def trial(micro_batch: int) -> dict:
+        if not built:
+            built["model"], built["optimizer"], built["loss_fn"] = build(pre_training, spec, "ours", device, args.seed)
+        model, optimizer = built["model"], built["optimizer"]
+        batches = synthetic_batches(model.config.vocab_size, micro_batch, spec.data.block_size, 1, args.seed, False)
+        started = time.perf_counter()
+        try:
+            with PeakMemory(device) as memory:
+                train_steps(model, optimizer, built["loss_fn"], batches, 2, 1, spec, device, False)
+                synchronize(device)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        return {"peak_memory_gib": memory.peak_gib, "seconds": round(time.perf_counter() - started, 2)}
+    return trial
+
+
+def estimate_trial(pre_training, spec, args):
+    """A trial that estimates instead of running: fits when the estimate leaves HEADROOM of --memory-gib."""
+    import torch
+
+    import throughput
+
+    config = model_config(pre_training, spec)
+    chunk = spec.training.cross_entropy_chunk_tokens
+    mixed = spec.extra.mixed_precision == "bf16"
+    profile = throughput.activation_profile(config, spec.data.block_size, chunk, torch.bfloat16 if mixed else None)
+    profile = {key: round(value, 1) for key, value in profile.items()}
+
+    def trial(micro_batch: int) -> dict:
+        gib = throughput.estimated_memory_gib(config, profile, block_size=spec.data.block_size,
+                                              micro_batch=micro_batch, chunk_tokens=chunk, mixed_precision=mixed)
+        return {"fits": gib <= HEADROOM * args.memory_gib, "estimated_peak_gib": round(gib, 2), **profile}
+    return trial

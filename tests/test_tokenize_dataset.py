@@ -1,0 +1,500 @@
+"""Utilities/tokenize-dataset.py and manifest.py: packed blocks that decode back to the documents, exact counts,
+reproducible files, the Hub push (with a fake client), and one-line refusals of bad input."""
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
+
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402
+import manifest as manifest_module  # noqa: E402
+from common import InputError  # noqa: E402
+
+SCRIPT = "Utilities/tokenize-dataset.py"
+BOS_ID, EOS_ID = 1, 2
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("tokenize_dataset", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tokenize_dataset"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+tokenize_dataset = load_script()
+
+
+def tokenize(*args, check=True):
+    return run_script(SCRIPT, *args, check=check)
+
+
+def split_stream(folder: Path, split: str) -> np.ndarray:
+    """The split's blocks, in file and row order, as one token stream."""
+    files = sorted((folder / split).glob("*.parquet"))
+    return np.concatenate([pq.read_table(f).column("input_ids").combine_chunks().flatten().to_numpy() for f in files])
+
+
+def encode_documents(tokenizer, texts) -> np.ndarray:
+    """What a split built from `texts` must hold before its tail is dropped: BOS, text, EOS for each document."""
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True  # "</s>" written in a document is text, not an end of document
+    ids = [[BOS_ID, *e.ids, EOS_ID] for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return np.array([t for doc in ids for t in doc], dtype=np.int64)
+
+
+def decode_documents(tokenizer, stream: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Cut a stream at EOS: the complete documents decoded, and the unfinished rest."""
+    ends = np.flatnonzero(stream == EOS_ID)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    documents = []
+    for start, end in zip(starts, ends):
+        assert stream[start] == BOS_ID and not np.isin(stream[start + 1:end], [BOS_ID, EOS_ID]).any()
+        documents.append(tokenizer.decode(stream[start + 1:end].tolist()))
+    return documents, stream[ends[-1] + 1 if len(ends) else 0:]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sample_tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sample_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def unshuffled(tmp_path_factory, sample_tokenizer):
+    out = tmp_path_factory.mktemp("unshuffled") / "out"
+    result = tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size",
+                      TEST_BLOCK_SIZE, "--test-size", 0.1, "--shuffle", "FALSE", "--output-dir", out)
+    return out, result
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# --- the folder and its manifest -------------------------------------------------------------------------------
+
+def test_folder_matches_its_manifest(sample_tokenized, sample_tokenizer, tokenizer):
+    manifest = manifest_module.read_manifest(sample_tokenized)
+    assert manifest["format"] == 1 and manifest["block_size"] == TEST_BLOCK_SIZE and manifest["dtype"] == "int32"
+    assert manifest["tokenizer"] == {
+        "path": str(Path(sample_tokenizer).resolve()),
+        "tokenizer_json_sha256": hashlib.sha256((Path(sample_tokenizer) / "tokenizer.json").read_bytes()).hexdigest(),
+        "vocab_size": len(tokenizer)}
+    assert manifest["special_tokens"] == {"policy": "bos+eos", "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    texts = read_sample_texts()
+    assert manifest["source"]["documents"] == len(texts) and manifest["source"]["shuffle"] is True
+    assert sum(s["documents"] for s in manifest["splits"].values()) == len(texts)
+    listed = set()
+    for name, split in manifest["splits"].items():
+        for shard in split["shards"]:
+            listed.add(shard["file"])
+            table = pq.read_table(sample_tokenized / shard["file"])
+            assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+            assert table.num_rows == shard["blocks"]
+            assert set(pc_list_lengths(table)) == {TEST_BLOCK_SIZE}
+        stream = split_stream(sample_tokenized, name)
+        assert len(stream) == split["blocks"] * TEST_BLOCK_SIZE
+        assert split["tokens"] == split["blocks"] * TEST_BLOCK_SIZE + split["dropped_tokens"]
+        assert stream.min() >= 0 and stream.max() < len(tokenizer)
+    assert listed == {str(p.relative_to(sample_tokenized)) for p in sample_tokenized.rglob("*.parquet")}
+    # 10% of the text, in whole documents: the test split is near a tenth of all tokens.
+    tokens = {name: split["tokens"] for name, split in manifest["splits"].items()}
+    assert 0.05 < tokens["test"] / (tokens["test"] + tokens["train"]) < 0.2
+
+
+def pc_list_lengths(table):
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(table.column("input_ids")).to_pylist()
+
+
+def test_unshuffled_splits_decode_to_the_documents_in_order(unshuffled, tokenizer):
+    out, result = unshuffled
+    manifest = manifest_module.read_manifest(out)
+    texts = read_sample_texts()
+    test_documents = manifest["splits"]["test"]["documents"]
+    # The test split is the first documents, until a tenth of the text's bytes; no document straddles the two.
+    sizes = np.cumsum([len(t.encode("utf-8")) for t in texts])
+    assert sizes[test_documents - 2] < 0.1 * sizes[-1] <= sizes[test_documents - 1]
+    for name, documents in (("test", texts[:test_documents]), ("train", texts[test_documents:])):
+        split = manifest["splits"][name]
+        expected = encode_documents(tokenizer, documents)
+        assert split["documents"] == len(documents) and split["tokens"] == len(expected)
+        assert split["dropped_tokens"] == len(expected) % TEST_BLOCK_SIZE
+        stream = split_stream(out, name)
+        assert np.array_equal(stream, expected[:len(expected) - split["dropped_tokens"]])
+        decoded, rest = decode_documents(tokenizer, stream)
+        # Every document comes back exactly, in order; only the dropped tail is missing from the last one.
+        assert decoded == documents[:len(decoded)]
+        assert len(rest) + split["dropped_tokens"] == len(encode_documents(tokenizer, documents[len(decoded):]))
+    assert f"the last {manifest['splits']['train']['dropped_tokens']} tokens" in result.stdout
+
+
+def test_shuffled_splits_partition_the_documents(sample_tokenized, tokenizer):
+    manifest = manifest_module.read_manifest(sample_tokenized)
+    texts = read_sample_texts()
+    seen = {}
+    for name in ("train", "test"):
+        decoded, _ = decode_documents(tokenizer, split_stream(sample_tokenized, name))
+        unfinished = manifest["splits"][name]["documents"] - len(decoded)
+        assert 1 <= unfinished <= 1 + manifest["splits"][name]["dropped_tokens"] // 3
+        seen[name] = [texts.index(text) for text in decoded]
+    assert not set(seen["train"]) & set(seen["test"])
+    assert seen["train"] != sorted(seen["train"])  # shuffled, not in corpus order
+
+
+def test_same_input_same_files_and_processes_change_nothing(sample_tokenized, sample_tokenizer, tmp_path):
+    again = tmp_path / "again"
+    tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", TEST_BLOCK_SIZE,
+             "--test-size", "0.1", "--num-proc", 2, "--output-dir", again)
+    files = sorted(p.relative_to(sample_tokenized) for p in sample_tokenized.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((sample_tokenized / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other_seed = tmp_path / "other-seed"
+    tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", TEST_BLOCK_SIZE,
+             "--test-size", "0.1", "--seed", 7, "--output-dir", other_seed)
+    assert (other_seed / "train/part-00000.parquet").read_bytes() != \
+        (sample_tokenized / "train/part-00000.parquet").read_bytes()
+
+
+def test_test_size_as_blocks_and_small_shards(tmp_path, sample_tokenizer, tokenizer):
+    out = tmp_path / "out"
+    tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 64, "--test-size", 20,
+             "--shuffle", "no", "--blocks-per-shard", 7, "--output-dir", out)
+    manifest = manifest_module.read_manifest(out)
+    texts = read_sample_texts()
+    test = manifest["splits"]["test"]
+    # The fewest whole documents that fill 20 blocks.
+    assert test["blocks"] >= 20
+    assert len(encode_documents(tokenizer, texts[:test["documents"] - 1])) < 20 * 64 <= test["tokens"]
+    for split in manifest["splits"].values():
+        blocks = [shard["blocks"] for shard in split["shards"]]
+        assert blocks[:-1] == [7] * (len(blocks) - 1) and 1 <= blocks[-1] <= 7
+        for shard in split["shards"]:
+            metadata = pq.ParquetFile(out / shard["file"]).metadata
+            assert metadata.num_rows == shard["blocks"]
+
+
+def test_no_test_split_says_do_eval_needs_one(tmp_path, sample_tokenizer):
+    out = tmp_path / "out"
+    result = tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 256,
+                      "--test-size", 0, "--output-dir", out)
+    assert "do_eval" in result.stdout
+    assert not (out / "test").exists()
+    assert list(manifest_module.read_manifest(out)["splits"]) == ["train"]
+
+
+def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tokenizer, tokenizer):
+    documents = ["Fim de frase </s> e <s> no meio.", "  dois espaços à frente 😀", "Ação!\n\nOutro parágrafo."] * 3
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": documents[0]}, {"text": ""}, {"text": None},
+                                                     *({"text": d} for d in documents[1:])])
+    out = tmp_path / "out"
+    tokenize("--dataset-name", corpus, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size", 0,
+             "--shuffle", "0", "--output-dir", out)
+    manifest = manifest_module.read_manifest(out)
+    assert manifest["source"]["empty_documents"] == 2 and manifest["splits"]["train"]["documents"] == len(documents)
+    stream = split_stream(out, "train")
+    expected = encode_documents(tokenizer, documents)
+    assert np.array_equal(stream, expected[:len(stream)]) and len(expected) - len(stream) < 16
+    decoded, _ = decode_documents(tokenizer, stream)
+    assert decoded == documents[:len(decoded)] and len(decoded) >= len(documents) - 1
+    # A .txt file: one document per line, blank lines skipped (a filtered dataset is read through its index).
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("\n\n".join(d.replace("\n", " ") for d in documents) + "\n", encoding="utf-8")
+    tokenize("--dataset-name", text_file, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size",
+             0, "--shuffle", "false", "--output-dir", tmp_path / "from-txt")
+    decoded, _ = decode_documents(tokenizer, split_stream(tmp_path / "from-txt", "train"))
+    assert decoded == [d.replace("\n", " ") for d in documents][:len(decoded)] and len(decoded) >= len(documents) - 1
+
+
+# --- the output folder: rerun, refuse, overwrite -----------------------------------------------------------------
+
+def test_rerun_skips_and_a_different_dataset_is_refused_unless_overwrite(tmp_path, sample_tokenizer):
+    out = tmp_path / "out"
+    common_args = ["--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--test-size", 0,
+                   "--output-dir", out]
+    tokenize(*common_args, "--block-size", 256)
+    before = (out / "manifest.json").stat().st_mtime_ns
+    result = tokenize(*common_args, "--block-size", 256)
+    assert "nothing to do" in result.stdout and (out / "manifest.json").stat().st_mtime_ns == before
+    result = tokenize(*common_args, "--block-size", 128, check=False)
+    assert result.returncode == 2 and "different tokenized dataset" in result.stderr and "block_size" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert manifest_module.read_manifest(out)["block_size"] == 256
+    tokenize(*common_args, "--block-size", 128, "--overwrite")
+    assert manifest_module.read_manifest(out)["block_size"] == 128
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def run_main_expecting(argv, message):
+    with pytest.raises(InputError, match=message):
+        tokenize_dataset.main([str(a) for a in argv])
+
+
+def test_output_folder_with_other_content_is_refused(tmp_path, sample_tokenizer):
+    args = ["--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 128]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run_main_expecting([*args, "--output-dir", other], "not a tokenized dataset and will not be replaced")
+    run_main_expecting([*args, "--output-dir", other, "--overwrite"], "not a tokenized dataset")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")
+    run_main_expecting([*args, "--output-dir", broken], "different tokenized dataset")
+    assert (other / "notes.txt").read_text() == "mine" and (broken / "manifest.json").read_text() == "{"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    run_main_expecting([*args, "--output-dir", a_file], "is a file")
+
+
+# --- bad input: exit 2, one line, nothing written -----------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--block-size", 1], "--block-size must be at least 2"),
+    (["--dataset-name", "data/missing.jsonl"], "does not exist"),
+    (["--tokenizer-name", "someone/missing-tokenizer"], "cannot be reached; pass a local path"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, sample_tokenizer, extra, message):
+    out = tmp_path / "out"
+    args = {"--dataset-name": SAMPLE, "--tokenizer-name": sample_tokenizer, "--block-size": 128, "--output-dir": out}
+    args.update(dict(zip(extra[::2], extra[1::2])))
+    result = tokenize(*[x for pair in args.items() for x in pair], check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value", [("--shuffle", "maybe"), ("--test-size", "1.5"), ("--test-size", "-1"),
+                                         ("--test-size", "abc")])
+def test_bad_flag_values_exit_2(tmp_path, flag, value):
+    result = tokenize("--dataset-name", SAMPLE, "--tokenizer-name", "t", flag, value, "--output-dir", tmp_path / "o",
+                      check=False)
+    assert result.returncode == 2 and f"argument {flag}" in result.stderr
+
+
+def test_flag_parsers():
+    assert [tokenize_dataset.parse_bool(w) for w in ("True", "YES", "1", "false", "No", "0")] == [True] * 3 + [False] * 3
+    assert [tokenize_dataset.parse_test_size(t) for t in ("30000", "0.01", "0", "2.0")] == [30000, 0.01, 0, 2]
+    assert isinstance(tokenize_dataset.parse_test_size("30000"), int)
+
+
+def bad_tokenizer(tmp_path, kind: str) -> Path:
+    folder = tmp_path / f"tokenizer-{kind}"
+    folder.mkdir()
+    if kind == "garbage":
+        (folder / "tokenizer.json").write_text("not json")
+        (folder / "tokenizer_config.json").write_text("{}")
+        return folder
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(read_sample_texts(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                                         show_progress=False))
+    if kind == "no-eos":
+        PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+    else:  # "no-json": only the legacy vocab.json + merges.txt, which transformers converts on load
+        backend.model.save(str(folder))
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "bos_token": "<unk>", "eos_token": "<unk>", "unk_token": "<unk>"}))
+    return folder
+
+
+@pytest.mark.parametrize("kind, message", [("garbage", "could not load a tokenizer"),
+                                           ("no-eos", "lacks a BOS or EOS token"),
+                                           ("no-json", "not a fast tokenizer with a tokenizer.json")])
+def test_unusable_tokenizers_are_refused(tmp_path, kind, message):
+    out = tmp_path / "out"
+    run_main_expecting(["--dataset-name", SAMPLE, "--tokenizer-name", bad_tokenizer(tmp_path, kind),
+                        "--output-dir", out], message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ([], [], "is empty"),
+    ([{"text": ""}, {"text": None}], [], "only empty documents"),
+    ([{"body": "texto"}], [], "no column 'text'.*--text-column"),
+    ([{"text": 5}], [], "holds int64 values, not text"),
+    ([{"text": "um só documento"}], ["--test-size", "0.1"], "single document"),
+    (None, ["--test-size", 100000], "--test-size 100000 blocks needs more text"),
+    (None, ["--block-size", 1000000, "--test-size", 0], "train split holds .* less than one block"),
+    (None, ["--block-size", 4096, "--test-size", 0.001], "test split holds .* less than one block"),
+    ("someone/corpus", [], "dataset 'someone/corpus' is not a local path and the Hugging Face Hub cannot be reached"),
+    (None, ["--num-proc", 0], "--num-proc must be at least 1"),
+    (None, ["--blocks-per-shard", 0], "--blocks-per-shard must be at least 1"),
+])
+def test_bad_datasets_and_sizes_write_nothing(tmp_path, sample_tokenizer, rows, extra, message):
+    dataset = SAMPLE if rows is None else rows if isinstance(rows, str) else write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    run_main_expecting(["--dataset-name", dataset, "--tokenizer-name", sample_tokenizer, "--block-size", 64,
+                        *extra, "--output-dir", out], message)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# --- the Hub, with a fake client ---------------------------------------------------------------------------------
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
+    calls = []
+    fail_on = None
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def _record(self, name, **kwargs):
+        FakeHub.calls.append((name, self.token, kwargs))
+        if FakeHub.fail_on == name:
+            raise RuntimeError(f"{name} refused\nsecond line")
+
+    def whoami(self):
+        self._record("whoami")
+        return {"name": "someone"}
+
+    def create_repo(self, repo_id, **kwargs):
+        self._record("create_repo", repo_id=repo_id, **kwargs)
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self._record("upload_folder", folder_path=folder_path, repo_id=repo_id, files=files, **kwargs)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHub.calls, FakeHub.fail_on = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(tokenize_dataset, "hub_reachable", lambda: True)
+    return FakeHub
+
+
+def test_push_uploads_the_finished_folder_with_the_token(fake_hub, tmp_path, sample_tokenizer, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is as good as none
+    tokenize_dataset.main(["--dataset-name", str(SAMPLE), "--tokenizer-name", str(sample_tokenizer), "--block-size",
+                           "128", "--output-dir", str(out), "--push-to-hub", "someone/corpus-tokenized"])
+    names = [call[0] for call in fake_hub.calls]
+    assert names == ["whoami", "create_repo", "upload_folder"]
+    assert all(call[1] == "hf_secret_from_env" for call in fake_hub.calls)
+    upload = fake_hub.calls[-1][2]
+    assert upload["repo_id"] == "someone/corpus-tokenized" and upload["repo_type"] == "dataset"
+    assert Path(upload["folder_path"]) == out and "manifest.json" in upload["files"]
+    assert "train/part-00000.parquet" in upload["files"] and "test/part-00000.parquet" in upload["files"]
+    everything = capsys.readouterr()
+    assert "hf_secret" not in everything.out + everything.err + (out / "manifest.json").read_text()
+
+
+def test_push_failures(fake_hub, tmp_path, sample_tokenizer):
+    out = tmp_path / "out"
+    args = ["--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 128, "--output-dir", out,
+            "--push-to-hub", "someone/corpus", "--token", "hf_x"]
+    fake_hub.fail_on = "whoami"  # a bad token stops everything before the work
+    run_main_expecting(args, "does not accept the token")
+    assert not out.exists()
+    fake_hub.fail_on = "upload_folder"  # the folder stays complete; rerunning the command retries the upload
+    run_main_expecting(args, "is complete, but uploading it to 'someone/corpus' failed \\(upload_folder refused\\)")
+    assert manifest_module.read_manifest(out) is not None
+    fake_hub.fail_on = None
+    tokenize_dataset.main([str(a) for a in args])
+    assert [call[0] for call in fake_hub.calls][-2:] == ["create_repo", "upload_folder"]
+
+
+def test_push_with_the_hub_unreachable_fails_before_the_work(tmp_path, sample_tokenizer):
+    out = tmp_path / "out"
+    result = tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--output-dir", out,
+                      "--push-to-hub", "someone/corpus", check=False)
+    assert result.returncode == 2 and "Hub cannot be reached" in result.stderr and "--push-to-hub" in result.stderr
+    assert not out.exists()
+
+
+def test_tokenizer_from_the_hub_is_downloaded_then_loaded(monkeypatch, sample_tokenizer):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, token):
+        asked.append((repo_id, token))
+        if repo_id == "someone/missing":
+            raise RuntimeError("404 Client Error: Repository Not Found")
+        return str(sample_tokenizer)
+
+    monkeypatch.setattr(common, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    tokenizer, record = tokenize_dataset.load_tokenizer("someone/tokenizer", "hf_x")
+    assert asked == [("someone/tokenizer", "hf_x")] and record["path"] == "someone/tokenizer"
+    assert record["tokenizer_json_sha256"] == common.sha256_file(Path(sample_tokenizer) / "tokenizer.json")
+    with pytest.raises(InputError, match="could not download tokenizer 'someone/missing'.*Repository Not Found"):
+        tokenize_dataset.load_tokenizer("someone/missing", None)
+
+
+# --- manifest.py --------------------------------------------------------------------------------------------------
+
+def valid_manifest():
+    return {"tokenizer": {"path": "t", "tokenizer_json_sha256": "0" * 64, "vocab_size": 1024}, "block_size": 4,
+            "column": "input_ids", "dtype": "int32",
+            "special_tokens": {"policy": "bos+eos", "bos_token_id": 1, "eos_token_id": 2}, "source": {},
+            "splits": {"train": {"documents": 2, "tokens": 11, "blocks": 2, "dropped_tokens": 3,
+                                 "shards": [{"file": "train/part-00000.parquet", "blocks": 2}]}}}
+
+
+def test_manifest_round_trip_and_absence(tmp_path):
+    assert manifest_module.read_manifest(tmp_path) is None
+    manifest_module.write_manifest(tmp_path, valid_manifest())
+    assert manifest_module.read_manifest(tmp_path) == {"format": 1, **valid_manifest()}
+    with pytest.raises(ValueError, match="malformed"):
+        manifest_module.write_manifest(tmp_path, {**valid_manifest(), "block_size": 1})
+
+
+def broken(path, value):
+    manifest = {"format": 1, **valid_manifest()}
+    *parents, last = path
+    target = manifest
+    for key in parents:
+        target = target[key]
+    if value is None:
+        del target[last]
+    else:
+        target[last] = value
+    return manifest
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([1, 2], "not a JSON object"),
+    (broken(["format"], 2), "format 2 is not the supported format 1"),
+    (broken(["format"], None), "'format' is missing"),
+    (broken(["block_size"], "4"), "'block_size' should be int, not str"),
+    (broken(["block_size"], True), "'block_size' should be int, not bool"),
+    (broken(["tokenizer", "vocab_size"], None), "'tokenizer.vocab_size' is missing"),
+    (broken(["special_tokens", "eos_token_id"], 2.0), "'special_tokens.eos_token_id' should be int"),
+    (broken(["splits"], {"test": valid_manifest()["splits"]["train"]}), "no 'train' split"),
+    (broken(["splits", "train"], []), "splits.train is not an object"),
+    (broken(["splits", "train", "shards"], [{"file": "x"}]), "must be a list of"),
+    (broken(["splits", "train", "blocks"], 3), "do not add up to 3"),
+    (broken(["splits", "train", "dropped_tokens"], 4), "tokens != blocks"),
+    (broken(["block_size"], 1), "block_size 1 is below 2"),
+])
+def test_malformed_manifests_raise_input_error(tmp_path, manifest, message):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=message):
+        manifest_module.read_manifest(tmp_path)
+
+
+def test_manifest_that_is_not_json(tmp_path):
+    (tmp_path / "manifest.json").write_bytes(b"\xff{")
+    with pytest.raises(InputError, match="is not valid JSON"):
+        manifest_module.read_manifest(tmp_path)

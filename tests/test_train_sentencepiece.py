@@ -1,0 +1,370 @@
+"""train-sentencepiece.py and its benchmark, run for real on the committed Portuguese sample, offline."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SAMPLE, TEST_VOCAB_SIZE, read_sample_texts, run_script
+
+sys.path.insert(0, str(REPO))
+
+SCRIPT = "train-sentencepiece.py"
+SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+BYTE_IDS = range(4, 260)
+ROUND_TRIPS = [
+    "Ação, coração, informação: a educação é a base da nação.",
+    "Você já comeu pão de queijo em São João del-Rei? Não? Então vá à padaria!",
+    "Maçã, açúcar, caçula, pêssego, avó, avô, órgão, põe, mãe, irmã.",
+    "  dois espaços no início",
+    " um espaço no início e no fim ",
+    "\nlinha nova no início\n\ne duas no meio\n",
+    "espaços   repetidos     aqui\t\ttabs\te mais\t",
+    "def soma(a, b):\n    return a + b  # 42\n\n\tprint(soma(1, 2))",
+    "R$ 12,50; 3,14159; 2024-01-31 às 14h30; +55 (11) 98765-4321; 100%",
+    "emoji 🦙😀👍🏽 e sinais → ≠ ∑ ½",
+    "nunca visto: 汉字 Ελληνικά ẞ ᚠᛇᚻ \u0000\u007f",
+    "",
+    " ",
+    "a",
+]
+UNSEEN = "汉字 ᚠᛇᚻ 🦙"
+
+
+def load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_module("train_sentencepiece", REPO / SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def auto_tokenizer(sample_tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(sample_tokenizer))
+
+
+def train(tmp_path, *args, dataset=SAMPLE, output="tok", env=None):
+    return run_script(SCRIPT, "--dataset_name", dataset, "--vocab_size", TEST_VOCAB_SIZE, "--num_samples", 100000,
+                      "--output_dir", tmp_path / output, *args, env=env)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def llama_reference(tmp_path, sample_tokenizer, **changes):
+    """A reference tokenizer folder: the sample tokenizer's tokenizer.json with some parts replaced."""
+    spec = json.loads((sample_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    spec.update(changes)
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+# --- the saved folder --------------------------------------------------------------------------------------------
+
+def test_saved_folder_has_llama2_layout(sample_tokenizer):
+    spec = json.loads((sample_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    assert len(vocab) == TEST_VOCAB_SIZE
+    assert {token: vocab[token] for token in SPECIALS} == SPECIALS
+    assert [vocab[f"<0x{value:02X}>"] for value in range(256)] == list(BYTE_IDS)
+    assert "\u2581" in vocab
+    assert spec["model"]["type"] == "BPE" and spec["model"]["byte_fallback"] and spec["model"]["fuse_unk"]
+    assert spec["model"]["unk_token"] == "<unk>"
+    assert spec["normalizer"]["normalizers"] == [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+    assert [d["type"] for d in spec["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse", "Strip"]
+    # Only the four specials are "special": byte tokens must survive decode(skip_special_tokens=True).
+    assert sorted(t["id"] for t in spec["added_tokens"]) == [0, 1, 2, 3]
+    config = json.loads((sample_tokenizer / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["padding_side"] == "right" and config["clean_up_tokenization_spaces"] is False
+
+
+def test_autotokenizer_adds_bos_not_eos_and_pads_right_with_id_3(auto_tokenizer):
+    tokenizer = auto_tokenizer
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == \
+        (0, 1, 2, 3)
+    ids = tokenizer("Olá, mundo!")["input_ids"]
+    assert ids[0] == 1 and 2 not in ids
+    assert tokenizer("")["input_ids"] == [1]
+    batch = tokenizer(["uma frase bem mais longa que a outra", "curta"], padding=True)
+    long_ids, short_ids = batch["input_ids"]
+    short_length = len(tokenizer("curta")["input_ids"])
+    assert len(long_ids) == len(short_ids) > short_length
+    assert short_ids[short_length:] == [3] * (len(short_ids) - short_length)
+    assert batch["attention_mask"][1] == [1] * short_length + [0] * (len(short_ids) - short_length)
+    assert 3 not in long_ids
+
+
+@pytest.mark.parametrize("text", ROUND_TRIPS)
+def test_autotokenizer_round_trips_text(auto_tokenizer, text):
+    ids = auto_tokenizer(text)["input_ids"]
+    assert 0 not in ids, "no character may become <unk>"
+    assert auto_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_unseen_characters_come_back_through_byte_tokens(auto_tokenizer):
+    ids = auto_tokenizer(UNSEEN, add_special_tokens=False)["input_ids"]
+    assert sum(i in BYTE_IDS for i in ids) >= len("汉字ᚠᛇᚻ".encode("utf-8"))
+    assert 0 not in ids
+    assert auto_tokenizer.decode(ids) == UNSEEN
+
+
+def test_every_sample_document_round_trips(auto_tokenizer):
+    texts = read_sample_texts()
+    encoded = auto_tokenizer(texts)["input_ids"]
+    assert auto_tokenizer.batch_decode(encoded, skip_special_tokens=True) == texts
+
+
+def test_report_matches_what_the_tokenizer_does(sample_tokenizer, script):
+    from tokenizers import Tokenizer
+
+    report = json.loads((sample_tokenizer / "tokenizer_report.json").read_text())
+    texts = read_sample_texts()
+    trained, held_out = script.choose_documents(len(texts), 100000, 42)
+    assert len(held_out) == len(texts) // 10 and not set(trained) & set(held_out)
+    assert report["documents_trained"] == len(trained) == len(texts) - len(held_out)
+    assert report["documents_measured"] == len(held_out) and report["measured_on_held_out"] is True
+    held_out_texts = [texts[i] for i in held_out]
+    assert report["characters_trained"] == sum(len(texts[i]) for i in trained)
+    assert report["characters_measured"] == sum(map(len, held_out_texts))
+    tokenizer = Tokenizer.from_file(str(sample_tokenizer / "tokenizer.json"))
+    num_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in held_out_texts)
+    num_words = sum(len(t.split()) for t in held_out_texts)
+    assert report["characters_per_token"] == round(report["characters_measured"] / num_tokens, 4)
+    assert report["tokens_per_word"] == round(num_tokens / num_words, 4)
+    assert report["vocab_size"] == report["vocab_size_requested"] == TEST_VOCAB_SIZE
+    assert report["unknown_token_rate"] == 0 and report["round_trip_exact_share"] == 1
+    assert 0 <= report["byte_fallback_word_share"] < 0.05
+    assert report["settings_from"] == "built-in Llama 2 settings"
+    assert 0 < report["seconds_training"] <= report["seconds_total"]
+
+
+# --- determinism, reference tokenizers, secrets ------------------------------------------------------------------
+
+def test_same_input_and_seed_give_identical_tokenizer_json(tmp_path, sample_tokenizer):
+    # Threads on here, off in the fixture: the result must not depend on them. (run_script cannot override
+    # TOKENIZERS_PARALLELISM, hence subprocess.)
+    result = subprocess.run([sys.executable, str(REPO / SCRIPT), "--dataset_name", str(SAMPLE), "--vocab_size",
+                             str(TEST_VOCAB_SIZE), "--num_samples", "100000", "--output_dir", str(tmp_path / "tok")],
+                            capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="true"),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (sample_tokenizer / "tokenizer.json").read_bytes()
+    assert "trained on 126 documents" in result.stdout and "measured on 13 held-out documents" in result.stdout
+
+
+def test_unreachable_reference_falls_back_and_the_token_stays_secret(tmp_path, sample_tokenizer):
+    secret, env_secret = "hf_NotARealTokenButSecret123", "hf_AnotherSecretFromTheEnv456"
+    result = train(tmp_path, "--reference_tokenizer", "meta-llama/Llama-2-7b-hf", "--hub_token", secret,
+                   env={"HF_TOKEN": env_secret})
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "meta-llama/Llama-2-7b-hf" in line]
+    assert len(notes) == 1 and "built-in Llama 2 settings" in notes[0]
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (sample_tokenizer / "tokenizer.json").read_bytes()
+    for text in [result.stdout, result.stderr] + [p.read_text() for p in (tmp_path / "tok").iterdir()]:
+        assert secret not in text and env_secret not in text
+
+
+def test_local_reference_settings_are_copied(tmp_path, sample_tokenizer):
+    reference = llama_reference(tmp_path, sample_tokenizer, post_processor={
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                           "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}})
+    result = train(tmp_path, "--reference_tokenizer", reference)
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ids = tokenizer("Olá, mundo!")["input_ids"]
+    assert ids[0] == 1 and ids[-1] == 2
+    report = json.loads((tmp_path / "tok" / "tokenizer_report.json").read_text())
+    assert report["settings_from"] == f"reference tokenizer {reference}"
+
+
+def test_reference_that_does_not_round_trip_is_refused(tmp_path, sample_tokenizer):
+    spec = json.loads((sample_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    lowercasing = {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, *spec["normalizer"]["normalizers"]]}
+    reference = llama_reference(tmp_path, sample_tokenizer, normalizer=lowercasing)
+    result = train(tmp_path, "--reference_tokenizer", reference / "tokenizer.json")
+    assert result.returncode == 2
+    assert "do not give text back unchanged" in result.stderr and "leave out --reference_tokenizer" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference"]
+
+
+@pytest.mark.parametrize("make_reference, message", [
+    (lambda tmp: tmp / "no-such-tokenizer" / "here", "does not exist"),
+    (lambda tmp: (tmp / "empty-folder").mkdir() or tmp / "empty-folder", "has no tokenizer.json"),
+    (lambda tmp: (tmp / "bad.json").write_text("[1, 2]") and tmp / "bad.json", "is not a tokenizer.json"),
+])
+def test_bad_local_reference_is_refused(tmp_path, make_reference, message):
+    result = train(tmp_path, "--reference_tokenizer", make_reference(tmp_path))
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "tok").exists()
+
+
+def test_reachable_hub_reference_is_read_and_a_failed_download_falls_back(tmp_path, sample_tokenizer, script,
+                                                                          monkeypatch, capsys):
+    import huggingface_hub
+
+    reference = llama_reference(tmp_path, sample_tokenizer, decoder=None)
+    monkeypatch.setattr(script, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, token=None: str(
+        reference / filename) if (repo, token) == ("org/llama-like", "hf_x") else None)
+    settings = script.reference_settings("org/llama-like", "hf_x")
+    assert settings["source"] == "reference tokenizer org/llama-like" and settings["decoder"] is None
+
+    def gated(*args, **kwargs):
+        raise OSError("401 Client Error: access to model org/gated is restricted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    assert script.reference_settings("org/gated", None) == script.llama2_settings()
+    assert "401 Client Error" in capsys.readouterr().out
+
+
+# --- inputs -------------------------------------------------------------------------------------------------------
+
+def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, script):
+    """A .txt with blank lines is read through datasets' index mapping, JSON lines by plain Arrow reads."""
+    from common import load_text_dataset
+
+    documents = [" ".join(text.split()) for text in read_sample_texts()]
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "sample.jsonl", [{"text": d} for d in documents])
+    assert script.plain_arrow_files(load_text_dataset(str(text_file)), "text") is None
+    assert script.plain_arrow_files(load_text_dataset(str(jsonl)), "text")
+    for name, source in [("from-txt", text_file), ("from-jsonl", jsonl)]:
+        result = train(tmp_path, dataset=source, output=name)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "from-txt" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "from-jsonl" / "tokenizer.json").read_bytes()
+
+
+def test_save_to_disk_folder_with_other_columns(tmp_path, sample_tokenizer):
+    import datasets
+
+    texts = read_sample_texts()
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": list(range(len(texts))), "text": texts}),
+                          "test": datasets.Dataset.from_dict({"id": [0], "text": ["x"]})}).save_to_disk(str(folder))
+    result = train(tmp_path, "--dataset_split", "train", dataset=folder)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (sample_tokenizer / "tokenizer.json").read_bytes()
+
+
+def test_other_text_column_and_a_tiny_corpus(tmp_path):
+    rows = [{"body": "Bom dia! Tudo bem com você?", "id": 1}, {"body": "Olá, mundo.", "id": 2},
+            {"body": "Até amanhã, São Paulo.", "id": 3}]
+    result = train(tmp_path, "--text_column", "body", dataset=write_jsonl(tmp_path / "tiny.jsonl", rows))
+    assert result.returncode == 0, result.stderr
+    assert "has 3 documents, fewer than --num_samples 100000; training on 3 of them\n" in result.stdout
+    assert "too few repeated pairs" in result.stdout
+    assert "measured on 3 training documents (too few to hold any out)" in result.stdout
+    report = json.loads((tmp_path / "tok" / "tokenizer_report.json").read_text())
+    assert report["documents_trained"] == 3 and report["measured_on_held_out"] is False
+    assert 261 <= report["vocab_size"] < TEST_VOCAB_SIZE
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert len(spec["model"]["vocab"]) == report["vocab_size"]
+
+
+def test_num_samples_limits_the_documents(tmp_path):
+    result = run_script(SCRIPT, "--dataset_name", SAMPLE, "--vocab_size", 300, "--num_samples", 20,
+                        "--seed", 7, "--output_dir", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    assert "fewer than" not in result.stdout
+    report = json.loads((tmp_path / "tok" / "tokenizer_report.json").read_text())
+    assert report["documents_trained"] == 20 and report["documents_measured"] == 13 and report["seed"] == 7
+    assert report["vocab_size"] == 300
+
+
+def bad_input_cases(tmp_path):
+    return {
+        "missing file": (["--dataset_name", tmp_path / "missing.jsonl"], "does not exist"),
+        "empty file": (["--dataset_name", write_jsonl(tmp_path / "empty.jsonl", [])], "is empty"),
+        "vocabulary too small": (["--vocab_size", 260], "must be at least 261"),
+        "no samples": (["--num_samples", 0], "--num_samples must be positive"),
+        "unreachable hub dataset": (["--dataset_name", "someone/some-dataset"], "cannot be reached"),
+        "missing column": (["--dataset_name", write_jsonl(tmp_path / "body.jsonl", [{"body": "x"}])],
+                           "has no column 'text' (columns: body)"),
+        "only empty texts": (["--dataset_name", write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 3)],
+                             "holds no text"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "empty file", "vocabulary too small", "no samples",
+                                  "unreachable hub dataset", "missing column", "only empty texts"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
+    extra, message = bad_input_cases(tmp_path)[case]
+    before = set(tmp_path.iterdir())
+    result = run_script(SCRIPT, "--dataset_name", SAMPLE, "--vocab_size", TEST_VOCAB_SIZE, "--output_dir",
+                        tmp_path / "tok", *extra)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert set(tmp_path.iterdir()) == before, "nothing may be written next to or into --output_dir"
+
+
+def test_existing_output_dir_is_kept_unless_overwrite(tmp_path):
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "Bom dia, Brasil."}, {"text": "Boa noite."}])
+    output = tmp_path / "tok"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    result = train(tmp_path, dataset=corpus)
+    assert result.returncode == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert (output / "keep.txt").read_text() == "mine"
+    result = train(tmp_path, "--overwrite", dataset=corpus)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["tokenizer.json", "tokenizer_config.json",
+                                                       "tokenizer_report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.jsonl", "tok"]
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------------
+
+def test_synthetic_corpus_is_deterministic_and_varied():
+    sys.path.insert(0, str(REPO / "Utilities"))
+    bench = load_module("bench_tokenizer", REPO / "Utilities" / "bench_tokenizer.py")
+    sentences, words = bench.load_pieces(SAMPLE)
+    first = list(bench.synthetic_documents(sentences, words, 50_000, seed=3))
+    assert first == list(bench.synthetic_documents(sentences, words, 50_000, seed=3))
+    assert first != list(bench.synthetic_documents(sentences, words, 50_000, seed=4))
+    assert sum(len(d.encode("utf-8")) for d in first) >= 50_000
+    sample_sentences = set(sentences)
+    changed = [s for d in first for s in bench.SENTENCE_END.split(d) if s.strip() and s not in sample_sentences]
+    assert len(changed) > len(first)
+
+
+def test_benchmark_runs_both_variants(tmp_path):
+    result = run_script("Utilities/benchmark.py", "tokenizer", "--size-mb", 0.3, "--vocab-size", 400,
+                        "--work-dir", tmp_path, "--encode-mb", 0.05)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [line["variant"] for line in lines] == ["original", "ours"]
+    for line in lines:
+        assert line["benchmark"] == "tokenizer" and line["vocab_size"] == 400 and line["corpus_mb"] >= 0.3
+        assert line["seconds"] > 0 and line["peak_rss_mb"] > 50 and line["encode_mb_per_second"] > 0
+        if sys.platform == "linux":
+            assert 10 < line["peak_anon_mb"] <= line["peak_rss_mb"]
+    original, ours = lines
+    assert ours["documents"] == original["documents"] - min(1000, original["documents"] // 10)
+    assert "ours against the original" in result.stdout
+    assert json.loads((tmp_path / "ours" / "tokenizer_report.json").read_text())["vocab_size"] == 400

@@ -1,0 +1,364 @@
+"""Train a Llama 2-style SentencePiece BPE tokenizer (byte fallback, ids <unk>=0 <s>=1 </s>=2 <pad>=3).
+
+    python train-sentencepiece.py --dataset_name data/sample/pt-sample.jsonl --vocab_size 1024 \
+        --output_dir my-tokenizer
+    python train-sentencepiece.py --dataset_name nicholasKluge/Pt-Corpus-Instruct --dataset_split train \
+        --hub_token hf_... --reference_tokenizer meta-llama/Llama-2-7b-hf --num_samples 2000000 \
+        --vocab_size 32000 --output_dir my-tokenizer
+
+`--dataset_name` is a local .txt/.jsonl/.parquet/.csv file, a folder of them, a `save_to_disk` folder, or a Hub
+dataset. Llama 2's conventions are built in; `--reference_tokenizer` (a local folder or a Hub name) is optional.
+The output folder loads offline with `AutoTokenizer.from_pretrained(output_dir)`; `tokenizer_report.json` inside
+it holds figures measured on documents held out from training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import InputError, atomic_dir, hub_reachable, load_text_dataset, looks_local, run_main  # noqa: E402
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+UNK_ID, BOS, EOS = 0, "<s>", "</s>"
+BYTE_TOKENS = tuple(f"<0x{value:02X}>" for value in range(256))
+FIRST_BYTE_ID = len(SPECIAL_TOKENS)
+SPACE = "\u2581"  # "▁", sentencepiece's visible space
+# The space piece must be a token of its own: the decoder turns "▁" back into " " before it reassembles bytes,
+# so a "▁" spelled in byte tokens would come back as "▁".
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 1
+MAX_ALPHABET = 1000
+BATCH_DOCUMENTS = 1000
+HELD_OUT_DOCUMENTS = 1000
+# Splits the normalized text before each run of "▁" and never changes it. Training needs it (one document is
+# otherwise one "word": slow, and merges cross spaces); encoding with it works, and caches, word by word, which keeps
+# long documents fast. A run of spaces stays with the word after it, as sentencepiece keeps it.
+WORD_SPLIT = {"type": "Split", "pattern": {"Regex": f"{SPACE}*[^{SPACE}]+|{SPACE}+"}, "behavior": "Isolated",
+              "invert": False}
+# What must come back unchanged from decode(encode(text)); a reference whose settings fail this is refused.
+ROUND_TRIP_PROBE = ("  Ação, coração e pão: São Paulo à noite!\n\tdef f(x):\n        return x  # 42\n"
+                    "R$ 12,50 — 3,5%   espaços 😀 汉字 ẞ Ω\n")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset_name", required=True, help="local file/folder or Hub dataset name")
+    parser.add_argument("--dataset_split", default="train", help="split to read (Hub datasets, DatasetDict folders)")
+    parser.add_argument("--text_column", default="text", help="column holding the documents; others are ignored")
+    parser.add_argument("--hub_token", default=os.environ.get("HF_TOKEN"),
+                        help="Hub token for private or gated data (default: $HF_TOKEN); never printed or saved")
+    parser.add_argument("--reference_tokenizer", default=None,
+                        help="tokenizer whose pipeline settings to copy (local folder or Hub name); default: "
+                             "the built-in Llama 2 settings")
+    parser.add_argument("--num_samples", type=int, default=2_000_000, help="documents to train on")
+    parser.add_argument("--vocab_size", type=int, default=32000, help="tokens in the vocabulary, specials included")
+    parser.add_argument("--output_dir", default="new-llama-tokenizer", help="folder to write the tokenizer to")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the document sample")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output_dir if it exists")
+    return parser.parse_args(argv)
+
+
+def validate(args) -> None:
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise InputError(f"--vocab_size {args.vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
+                         f"({len(SPECIAL_TOKENS)} special tokens, {len(BYTE_TOKENS)} byte tokens and '{SPACE}'); "
+                         f"pass a larger value")
+    if args.num_samples <= 0:
+        raise InputError(f"--num_samples must be positive (got {args.num_samples}); pass the number of documents "
+                         f"to train on")
+    if Path(args.output_dir).exists() and not args.overwrite:
+        raise InputError(f"'{args.output_dir}' already exists; remove it, choose another --output_dir or pass "
+                         f"--overwrite")
+
+
+def main(argv=None):
+    started = time.perf_counter()
+    args = parse_args(argv)
+    validate(args)
+    settings = reference_settings(args.reference_tokenizer, args.hub_token)
+    dataset = load_text_dataset(args.dataset_name, args.dataset_split, args.text_column, args.hub_token)
+    train_positions, held_out_positions = choose_documents(dataset.num_rows, args.num_samples, args.seed)
+    if len(train_positions) < args.num_samples:
+        held_out = f" and holding {len(held_out_positions)} out for the report" if len(held_out_positions) else ""
+        print(f"note: '{args.dataset_name}' has {dataset.num_rows} documents, fewer than --num_samples "
+              f"{args.num_samples}; training on {len(train_positions)} of them{held_out}")
+    totals = {"documents": 0, "characters": 0}
+    training_started = time.perf_counter()
+    tokenizer = train(settings, training_batches(dataset, args.text_column, train_positions, totals),
+                      args.vocab_size, show_progress=sys.stderr.isatty())
+    training_seconds = time.perf_counter() - training_started
+    if totals["characters"] == 0:
+        raise InputError(f"column '{args.text_column}' of '{args.dataset_name}' holds no text; give documents "
+                         f"that are not empty")
+    check_round_trip(tokenizer, settings)
+    evaluated_on = held_out_positions if len(held_out_positions) else train_positions[:HELD_OUT_DOCUMENTS]
+    report = {
+        "dataset_name": args.dataset_name, "dataset_split": args.dataset_split, "text_column": args.text_column,
+        "seed": args.seed, "settings_from": settings["source"],
+        "vocab_size_requested": args.vocab_size, "vocab_size": tokenizer.get_vocab_size(),
+        "documents_trained": totals["documents"], "characters_trained": totals["characters"],
+        "documents_measured": len(evaluated_on), "measured_on_held_out": bool(len(held_out_positions)),
+        **measure(tokenizer, [text or "" for text in dataset[evaluated_on.tolist()][args.text_column]]),
+        "seconds_training": round(training_seconds, 3),
+    }
+    with atomic_dir(args.output_dir, overwrite=args.overwrite) as folder:
+        save(tokenizer, folder)
+        report["seconds_total"] = round(time.perf_counter() - started, 3)
+        (folder / "tokenizer_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                                       encoding="utf-8")
+    print_summary(report, args.output_dir)
+
+
+def llama2_settings() -> dict:
+    """Llama 2's pipeline as its Hub tokenizer.json spells it (legacy sentencepiece behaviour)."""
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, 1)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    return pipeline_settings(json.loads(tokenizer.to_str()), "built-in Llama 2 settings")
+
+
+def pipeline_settings(tokenizer_json: dict, source: str) -> dict:
+    """The parts of a tokenizer.json that the original copied from its reference tokenizer."""
+    model = tokenizer_json.get("model") or {}
+    return {"source": source, "normalizer": tokenizer_json.get("normalizer"),
+            "pre_tokenizer": tokenizer_json.get("pre_tokenizer"),
+            "post_processor": tokenizer_json.get("post_processor"), "decoder": tokenizer_json.get("decoder"),
+            "byte_fallback": bool(model.get("byte_fallback", False)), "fuse_unk": bool(model.get("fuse_unk", False))}
+
+
+def reference_settings(name: str | None, token: str | None) -> dict:
+    """Settings read from `name` (a local folder or tokenizer.json, or a Hub name), or Llama 2's built-in ones."""
+    if not name:
+        return llama2_settings()
+    path = Path(name).expanduser()
+    if path.exists():
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise InputError(f"reference tokenizer '{name}' has no tokenizer.json; give the folder of a fast "
+                             f"tokenizer or leave out --reference_tokenizer")
+    elif looks_local(name):
+        raise InputError(f"reference tokenizer '{name}' does not exist; check the path or leave out "
+                         f"--reference_tokenizer to use the built-in Llama 2 settings")
+    elif not hub_reachable():
+        print(f"note: reference tokenizer '{name}' is not a local path and the Hub cannot be reached; "
+              f"using the built-in Llama 2 settings")
+        return llama2_settings()
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(name, "tokenizer.json", token=token))
+        except Exception as error:  # gated, missing, rate-limited...: the built-in settings serve the same purpose
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"note: could not read tokenizer.json of '{name}' from the Hub ({reason}); "
+                  f"using the built-in Llama 2 settings")
+            return llama2_settings()
+    try:
+        return pipeline_settings(json.loads(file.read_text(encoding="utf-8")), f"reference tokenizer {name}")
+    except (ValueError, AttributeError):
+        raise InputError(f"'{file}' is not a tokenizer.json; give the folder of a fast tokenizer") from None
+
+
+def choose_documents(num_rows: int, num_samples: int, seed: int):
+    """Sorted row positions to train on and to hold out for the report, drawn at random with `seed`.
+
+    Positions are sorted because BPE counts do not depend on order and sorted reads go front to back.
+    """
+    import numpy as np
+
+    held_out = min(HELD_OUT_DOCUMENTS, num_rows // 10)
+    chosen = np.random.default_rng(seed).choice(num_rows, size=min(num_rows, held_out + num_samples), replace=False)
+    return np.sort(chosen[held_out:]), np.sort(chosen[:held_out])
+
+
+def training_batches(dataset, column: str, positions, totals: dict):
+    """Lists of at most BATCH_DOCUMENTS texts at `positions`, counted into `totals`; memory stays one batch."""
+    files = plain_arrow_files(dataset, column)
+    batches = read_arrow_files(files, column, positions) if files else read_mapped(dataset, column, positions)
+    for texts in batches:
+        texts = [text for text in texts if text]
+        totals["documents"] += len(texts)
+        totals["characters"] += sum(map(len, texts))
+        yield texts
+
+
+def plain_arrow_files(dataset, column: str) -> list[str] | None:
+    """The dataset's Arrow files when reading them front to back gives exactly its rows, else None.
+
+    Reading through datasets' memory map leaves every page touched resident in this process, so a pass over the
+    corpus would grow resident memory by the corpus size; plain reads of one record batch at a time do not.
+    """
+    import pyarrow as pa
+
+    if dataset.num_rows != dataset.data.num_rows:  # an indices mapping, e.g. blank lines of a .txt filtered out
+        return None
+    files, rows = [entry["filename"] for entry in dataset.cache_files], 0
+    try:
+        for path in files:
+            # Mapped only to count rows: that reads batch headers, not the text, and the map is closed right after.
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_stream(source)
+                if column not in reader.schema.names:  # an indices file: rows are not in file order
+                    return None
+                rows += sum(batch.num_rows for batch in reader)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return files if files and rows == dataset.num_rows else None
+
+
+def read_arrow_files(files: list[str], column: str, positions):
+    """The texts at sorted `positions` of the concatenated `files`, read one record batch at a time."""
+    import numpy as np
+    import pyarrow as pa
+
+    start = taken = 0
+    for path in files:
+        with pa.OSFile(path) as source:
+            for record_batch in pa.ipc.open_stream(source):
+                end = start + record_batch.num_rows
+                stop = int(np.searchsorted(positions, end))
+                for first in range(taken, stop, BATCH_DOCUMENTS):
+                    rows = positions[first:min(stop, first + BATCH_DOCUMENTS)] - start
+                    yield record_batch.column(column).take(pa.array(rows)).to_pylist()
+                taken, start = stop, end
+
+
+def read_mapped(dataset, column: str, positions):
+    for batch in dataset.select(positions).iter(batch_size=BATCH_DOCUMENTS):
+        yield batch[column]
+
+
+def assemble(settings: dict, vocab: dict, merges: list, add_bos: bool = False, add_eos: bool = False):
+    """A tokenizers.Tokenizer: BPE over `vocab`/`merges` inside the pipeline of `settings` plus the word split."""
+    from tokenizers import Tokenizer, processors
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE(unk_token="<unk>", byte_fallback=settings["byte_fallback"],
+                              fuse_unk=settings["fuse_unk"]))
+    spec = json.loads(tokenizer.to_str())
+    reference_split = settings["pre_tokenizer"]
+    spec.update(normalizer=settings["normalizer"], decoder=settings["decoder"],
+                pre_tokenizer={"type": "Sequence", "pretokenizers": [reference_split, WORD_SPLIT]}
+                if reference_split else WORD_SPLIT)
+    spec["model"].update(vocab=vocab, merges=merges)
+    spec["added_tokens"] = [{"id": vocab[token], "content": token, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True}
+                            for token in SPECIAL_TOKENS if token in vocab]
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    if add_bos or add_eos:  # spelled as transformers spells it for add_bos_token/add_eos_token
+        single = f"{BOS + ':0 ' if add_bos else ''}$A:0{' ' + EOS + ':0' if add_eos else ''}"
+        pair = f"{single}{' ' + BOS + ':1' if add_bos else ''} $B:1{' ' + EOS + ':1' if add_eos else ''}"
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t, on in ((BOS, add_bos), (EOS, add_eos))
+                                                      if on])
+    return tokenizer
+
+
+def train(settings: dict, batches, vocab_size: int, show_progress: bool = False):
+    """Train BPE on `batches`, then give the 256 byte tokens ids 4..259 as Llama 2 has them right after specials."""
+    from tokenizers import trainers
+
+    tokenizer = assemble(settings, vocab={}, merges=[])
+    # Byte tokens are added afterwards rather than as trainer specials, which would make them "special": skipped
+    # by decode(skip_special_tokens=True) and matched literally in text.
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(BYTE_TOKENS), min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=min(MAX_ALPHABET, vocab_size - MIN_VOCAB_SIZE + 1), initial_alphabet=[SPACE],
+        show_progress=show_progress)
+    tokenizer.train_from_iterator(batches, trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
+    for token in sorted(model["vocab"], key=model["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    add_bos, add_eos = special_token_flags(settings["post_processor"])
+    return assemble(settings, vocab, model["merges"], add_bos, add_eos)
+
+
+def special_token_flags(post_processor: dict | None) -> tuple[bool, bool]:
+    """Whether the reference's template puts <s> before and </s> after a single sequence."""
+    if post_processor and post_processor.get("type") == "Sequence":
+        post_processor = next((p for p in post_processor.get("processors", [])
+                               if p.get("type") == "TemplateProcessing"), None)
+    if not post_processor or post_processor.get("type") != "TemplateProcessing":
+        return False, False
+    pieces = [next(iter(piece.items())) for piece in post_processor["single"]]
+    kinds = [kind for kind, _ in pieces]
+    sequence_at = kinds.index("Sequence") if "Sequence" in kinds else len(kinds)
+    before = {value["id"] for kind, value in pieces[:sequence_at] if kind == "SpecialToken"}
+    after = {value["id"] for kind, value in pieces[sequence_at + 1:] if kind == "SpecialToken"}
+    return BOS in before, EOS in after
+
+
+def check_round_trip(tokenizer, settings: dict) -> None:
+    encoding = tokenizer.encode(ROUND_TRIP_PROBE, add_special_tokens=False)
+    decoded = tokenizer.decode(encoding.ids, skip_special_tokens=False)
+    if decoded != ROUND_TRIP_PROBE or UNK_ID in encoding.ids:
+        raise InputError(f"the {settings['source']} do not give text back unchanged ({ROUND_TRIP_PROBE!r} came "
+                         f"back as {decoded!r}); leave out --reference_tokenizer to use the built-in Llama 2 "
+                         f"settings")
+
+
+def measure(tokenizer, texts: list[str]) -> dict:
+    """Compression and coverage on `texts`: what the next stages will see."""
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    num_tokens = sum(len(encoding.ids) for encoding in encodings)
+    words = Counter(word for text in texts for word in text.split())
+    word_encodings = tokenizer.encode_batch_fast(list(words), add_special_tokens=False)
+    byte_ids = range(FIRST_BYTE_ID, FIRST_BYTE_ID + len(BYTE_TOKENS))
+    byte_words = sum(count for count, encoding in zip(words.values(), word_encodings)
+                     if any(token_id in byte_ids for token_id in encoding.ids))
+    decoded = tokenizer.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
+    num_words, num_characters = sum(words.values()), sum(map(len, texts))
+    return {
+        "characters_measured": num_characters,
+        "characters_per_token": round(num_characters / max(num_tokens, 1), 4),
+        "tokens_per_word": round(num_tokens / max(num_words, 1), 4),
+        "byte_fallback_word_share": round(byte_words / max(num_words, 1), 6),
+        "unknown_token_rate": round(sum(e.ids.count(UNK_ID) for e in encodings) / max(num_tokens, 1), 6),
+        "round_trip_exact_share": round(sum(a == b for a, b in zip(decoded, texts)) / max(len(texts), 1), 6),
+    }
+
+
+def save(tokenizer, folder: Path) -> None:
+    """Write the folder AutoTokenizer loads, without importing transformers (tens of MB for two small files)."""
+    tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
+    # "PreTrainedTokenizerFast" rather than "LlamaTokenizerFast": transformers 5 rebuilds a Llama tokenizer with
+    # its own unsplit Metaspace pre-tokenizer, which drops one of two leading spaces and encodes more slowly; the
+    # generic class keeps tokenizer.json's pipeline. BOS/EOS are decided by tokenizer.json's post-processor.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": BOS,
+              "eos_token": EOS, "pad_token": "<pad>", "padding_side": "right", "clean_up_tokenization_spaces": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def print_summary(report: dict, output_dir: str) -> None:
+    print(f"trained on {report['documents_trained']:,} documents ({report['characters_trained']:,} characters) in "
+          f"{report['seconds_training']:.1f} s; vocabulary {report['vocab_size']:,} of "
+          f"{report['vocab_size_requested']:,} asked for")
+    if report["vocab_size"] < report["vocab_size_requested"]:
+        print(f"note: the corpus has too few repeated pairs to fill the vocabulary: it stops at "
+              f"{report['vocab_size']:,} tokens; train on more text for a larger one")
+    measured_on = "held-out documents" if report["measured_on_held_out"] else \
+        "training documents (too few to hold any out)"
+    print(f"measured on {report['documents_measured']:,} {measured_on}: {report['characters_per_token']:.2f} "
+          f"characters/token, {report['tokens_per_word']:.2f} tokens/word, "
+          f"{100 * report['byte_fallback_word_share']:.2f}% of words through byte fallback, "
+          f"{100 * report['unknown_token_rate']:.2f}% unknown tokens")
+    print(f"saved {output_dir} (report: {Path(output_dir) / 'tokenizer_report.json'}) in "
+          f"{report['seconds_total']:.1f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)
