@@ -70,7 +70,7 @@ def setup(spec: Spec):
                              sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
     optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
     max_steps = plan_max_steps(spec, train_split, accelerator.num_processes) if spec.training.do_train else 0
-    check_free_space(output_dir, count_parameters(model), spec, max_steps, say)
+    refuse_together(accelerator, lambda: check_free_space(output_dir, count_parameters(model), spec, max_steps, say))
     scheduler = build_scheduler(optimizer, spec, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
@@ -83,6 +83,7 @@ def setup(spec: Spec):
         say(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        truncate_metrics(output_dir / "samples.jsonl", state.step)
     if tracking:
         accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
                                   init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
@@ -94,6 +95,26 @@ def setup(spec: Spec):
             f"{accelerator.num_processes} process(es)")
         fit(run, train_split, test_split, max_steps)
     finish(run, test_split)
+
+
+def refuse_together(accelerator, check):
+    """Run a start-up check on every process; if it fails on any, all of them stop with its message.
+
+    Processes may see different disks; one refusing alone would leave the others waiting forever at the next
+    collective operation.
+    """
+    problem = None
+    try:
+        check()
+    except InputError as error:
+        problem = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem is not None:
+        accelerator.end_training()
+        raise InputError(problem)
 
 
 def make_accelerator(spec: Spec, tracking: bool):
@@ -235,8 +256,16 @@ def build_model(spec: Spec, tokenizer, vocab_size: int, say):
     model.config.use_cache = m.use_cache
     configure_generation(model, tokenizer)
     if spec.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model):
+    # Later transformers 5 releases renamed the method and deprecated the old name; earlier 5.x have only the old.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def llama_config(spec: Spec, tokenizer, vocab_size: int, base=None):
@@ -429,6 +458,7 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                 progress.set_postfix(throughput.progress_postfix(record))
                 window_loss.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
+            pause_started = time.perf_counter()  # evaluation, samples and checkpoints are not training time
             if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
                     and state.step < max_steps):
                 evaluate_and_log(run, test_split)
@@ -443,6 +473,7 @@ def fit(run: Run, train_split, test_split, max_steps: int):
             if verdict.stop:
                 state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
                 stop_for_signal(run, signals)
+            window_start += time.perf_counter() - pause_started
     finally:
         batches.close()
         progress.close()

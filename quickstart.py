@@ -36,7 +36,8 @@ def step(title: str, command: list[str]):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="quickstart-output", help="where everything is written")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
+    parser.add_argument("--vocab-size", type=int, default=512,
+                        help="tokenizer vocabulary size (80 KB of text is too little for a larger one)")
     parser.add_argument("overrides", nargs="*", metavar="group.key=value", help="overrides for specs-tiny.yaml")
     args = parser.parse_args(argv)
     out = Path(args.output_dir).resolve()

@@ -133,7 +133,7 @@ class ExtraArguments:
     with_tracking: bool = spec_field(True, "Log to W&B when a token is given or WANDB_MODE is set.")
     mixed_precision: str = spec_field("no", "Mixed precision: no, fp16 or bf16.", choices=["no", "fp16", "bf16"])
     checkpointing_steps: int | None = spec_field(1000, "Optimizer steps between checkpoints (null: only the final one).", minimum=1)
-    keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one is always kept.", minimum=0)
+    keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one and the one a run resumed from are always kept.", minimum=0)
     sample_every: int | None = spec_field(1000, "Optimizer steps between generated samples (null: never).", minimum=1)
     generation_seeds: list[str] = spec_field(DEFAULT_PROMPTS, "Prompts to sample from during training, one chosen at random each time.")
 

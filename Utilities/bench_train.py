@@ -16,9 +16,10 @@ gradient_accumulation_steps micro-batches, with the spec's gradient clipping and
 One JSON line per variant (tokens/s, MFU and the peak it is measured against, peak memory, losses), then a "ratios"
 line. The synthetic tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
 
---find-micro-batch: on a GPU, doubles the micro-batch of `ours` from 1 until it runs out of memory (measured);
-on the CPU, estimates each micro-batch's peak from the activations an eager forward pass saves, against
---memory-gib (an estimate: compile and the allocator change the real figure).
+--find-micro-batch: on a GPU, doubles the micro-batch of `ours` from 1 until it runs out of memory (measured;
+with compile on, every new micro-batch compiles again: several minutes in all); on the CPU, estimates each
+micro-batch's peak from the activations an eager forward pass saves, against --memory-gib (an estimate: compile
+and the allocator change the real figure).
 """
 
 from __future__ import annotations

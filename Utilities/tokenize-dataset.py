@@ -13,7 +13,9 @@ The corpus is streamed in batches, so memory stays flat however large it is.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import mmap
 import os
 import sys
 import time
@@ -40,6 +42,9 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 BATCH_BYTES = 1 << 20
 SHARD_TOKENS = 1 << 26       # ~256 MB of int32 per shard before compression (~100-170 MB on disk)
 ROW_GROUP_TOKENS = 1 << 20   # 4 MB row groups: a reader can fetch any block without reading its whole shard
+GATHER_DOCUMENTS = 64       # documents read between two hand-backs of the corpus pages (see read_texts)
+PROC_MAPS = Path("/proc/self/maps")
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 BLOCK_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes"}, {"false", "0", "no"}
 
@@ -141,7 +146,8 @@ def load_tokenizer(name: str, token: str | None):
     from transformers import AutoTokenizer
 
     folder = Path(name).expanduser()
-    if not folder.exists():
+    local = folder.exists()
+    if not local:
         if looks_local(name):
             raise InputError(f"tokenizer '{name}' does not exist; check the path")
         folder = download_tokenizer(name, token)
@@ -156,8 +162,7 @@ def load_tokenizer(name: str, token: str | None):
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise InputError(f"tokenizer '{name}' lacks a BOS or EOS token, which separate the packed documents; "
                          f"give a tokenizer that defines both")
-    path = str(folder.resolve()) if Path(name).expanduser().exists() else name
-    return tokenizer, {"path": path, "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
+    return tokenizer, {"path": str(folder.resolve()) if local else name, "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
                        "vocab_size": len(tokenizer)}
 
 
@@ -181,8 +186,11 @@ def check_text_column(dataset, args) -> None:
 
 def document_bytes(dataset) -> np.ndarray:
     """UTF-8 size of every document (0 when missing), read from Arrow's offsets without decoding the text."""
-    parts = [pc.fill_null(pc.binary_length(batch.column(0)), 0).to_numpy()
-             for batch in dataset.with_format("arrow").iter(batch_size=1 << 16)]
+    corpus_maps = mapped_file_ranges(".arrow")
+    parts = []
+    for batch in dataset.with_format("arrow").iter(batch_size=1 << 16):
+        parts.append(pc.fill_null(pc.binary_length(batch.column(0)), 0).to_numpy())
+        drop_mapped_pages(corpus_maps)  # see read_texts
     return np.concatenate(parts).astype(np.int64)
 
 
@@ -236,7 +244,7 @@ def describe_request(args, tokenizer, tokenizer_record: dict, plan: Plan) -> dic
         "source": {"dataset": str(dataset.resolve()) if dataset.exists() else args.dataset_name,
                    "dataset_split": args.dataset_split, "text_column": args.text_column,
                    "shuffle": args.shuffle, "seed": args.seed if args.shuffle else None,
-                   "test_size": args.test_size, "blocks_per_shard": blocks_per_shard(args),
+                   "test_size": args.test_size, "blocks_per_shard": args.blocks_per_shard,
                    "documents": len(plan.order), "empty_documents": plan.empty_documents,
                    "text_bytes": plan.text_bytes},
     }
@@ -332,14 +340,48 @@ def make_executor(tokenizer, num_proc: int):
 def encoded_batches(dataset, plan: Plan, executor, encode, in_flight: int):
     """Yield (stream, document_tokens) per batch in order, with a few batches always in flight."""
     texts_by_row = dataset.with_format("arrow")
+    corpus_maps = mapped_file_ranges(".arrow")
     pending = deque()
     for start, stop in zip(plan.batch_edges[:-1], plan.batch_edges[1:]):
-        texts = texts_by_row[plan.order[start:stop]].column(0).to_pylist()
-        pending.append(executor.submit(encode, texts))
+        pending.append(executor.submit(encode, read_texts(texts_by_row, plan.order[start:stop], corpus_maps)))
         if len(pending) >= in_flight:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def read_texts(texts_by_row, rows: np.ndarray, corpus_maps: list[tuple[int, int]]) -> list[str]:
+    """The documents at `rows`, as Python strings, read without letting RSS count the corpus.
+
+    datasets reads the corpus through a memory map, and every page a read touches (with its neighbours: the page
+    cache holds the file in folios of up to a few hundred KB) stays counted in RSS until the kernel wants it back;
+    shuffled reads would soon count the whole corpus. The strings are copies, so the pages are handed back after
+    every GATHER_DOCUMENTS documents; a page read again is simply mapped again from the page cache.
+    """
+    texts = []
+    for first in range(0, len(rows), GATHER_DOCUMENTS):
+        texts += texts_by_row[rows[first:first + GATHER_DOCUMENTS]].column(0).to_pylist()
+        drop_mapped_pages(corpus_maps)
+    return texts
+
+
+def mapped_file_ranges(suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's read-only mappings of files named *suffix (Linux; elsewhere none)."""
+    if not PROC_MAPS.exists():
+        return []
+    ranges = []
+    for line in PROC_MAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        # Only read-only file mappings: their pages can always be dropped, as nothing in them can be lost.
+        if len(fields) == 6 and fields[5].endswith(suffix) and "w" not in fields[1]:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def drop_mapped_pages(ranges: list[tuple[int, int]]) -> None:
+    for start, end in ranges:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 class SplitWriter:
@@ -457,7 +499,8 @@ def report(folder: Path, splits: dict, args, plan: Plan, seconds: float) -> None
         print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens -> {split['blocks']:,} blocks "
               f"of {args.block_size} in {len(split['shards'])} file(s); the last {split['dropped_tokens']:,} "
               f"tokens (under one block) are left out")
-    print(f"wrote '{folder}' in {seconds:.1f} s ({plan.text_bytes / 1e6 / seconds:.1f} MB of text per second)")
+    print(f"wrote '{folder}' in {seconds:.1f} s ({plan.text_bytes:,} bytes of text, "
+          f"{plan.text_bytes / 1e6 / seconds:.2f} MB/s)")
     if "test" not in splits:
         print("note: no test split (--test-size 0): pre-training with do_eval needs one; rerun with --test-size "
               "(e.g. 0.01) to hold some text out")

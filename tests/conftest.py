@@ -23,7 +23,7 @@ for secret in ("HF_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN"):
 
 def run_script(script, *args, env=None, cwd=None, timeout=600, check=False):
     """Run one of the project's scripts (path relative to the repo) with this Python; return CompletedProcess."""
-    full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
                             env=full_env, cwd=cwd or REPO, timeout=timeout)
     if check and result.returncode != 0:

@@ -379,7 +379,9 @@ def test_train_benchmark_runs_both_loops_on_the_cpu():
         assert result["tokens_per_second"] > 0 and result["mfu"] is None and result["peak_tflops"] is None
         assert result["peak_memory_gib"] > 0 and result["memory_kind"] == "process_rss_sampled"
         assert len(result["losses"]) == 3
-    assert original["settings"]["fused_optimizer"] is False and original["settings"]["cross_entropy_chunk_tokens"] is None
+    assert original["settings"] == {"compile_model": False, "fused_optimizer": False,
+                                    "cross_entropy_chunk_tokens": None, "allow_tf32": False,
+                                    "pinned_non_blocking": False}
     assert ours["settings"] == {"compile_model": False, "fused_optimizer": True, "cross_entropy_chunk_tokens": 4096,
                                 "allow_tf32": False, "pinned_non_blocking": False}
     assert ratios["ours_over_original_tokens_per_second"] == pytest.approx(

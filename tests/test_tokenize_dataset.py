@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
 
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "Utilities"))
 import common  # noqa: E402
 import manifest as manifest_module  # noqa: E402
 from common import InputError  # noqa: E402
@@ -36,6 +37,16 @@ tokenize_dataset = load_script()
 
 def tokenize(*args, check=True):
     return run_script(SCRIPT, *args, check=check)
+
+
+def tokenize_here(*args):
+    """Run the script's main() in this process: the same code without paying for the imports again."""
+    tokenize_dataset.main([str(a) for a in args])
+
+
+def run_main_expecting(argv, message):
+    with pytest.raises(InputError, match=message):
+        tokenize_dataset.main([str(a) for a in argv])
 
 
 def split_stream(folder: Path, split: str) -> np.ndarray:
@@ -163,7 +174,7 @@ def test_same_input_same_files_and_processes_change_nothing(sample_tokenized, sa
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((sample_tokenized / f).read_bytes() == (again / f).read_bytes() for f in files)
     other_seed = tmp_path / "other-seed"
-    tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", TEST_BLOCK_SIZE,
+    tokenize_here("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", TEST_BLOCK_SIZE,
              "--test-size", "0.1", "--seed", 7, "--output-dir", other_seed)
     assert (other_seed / "train/part-00000.parquet").read_bytes() != \
         (sample_tokenized / "train/part-00000.parquet").read_bytes()
@@ -171,7 +182,7 @@ def test_same_input_same_files_and_processes_change_nothing(sample_tokenized, sa
 
 def test_test_size_as_blocks_and_small_shards(tmp_path, sample_tokenizer, tokenizer):
     out = tmp_path / "out"
-    tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 64, "--test-size", 20,
+    tokenize_here("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 64, "--test-size", 20,
              "--shuffle", "no", "--blocks-per-shard", 7, "--output-dir", out)
     manifest = manifest_module.read_manifest(out)
     texts = read_sample_texts()
@@ -187,11 +198,11 @@ def test_test_size_as_blocks_and_small_shards(tmp_path, sample_tokenizer, tokeni
             assert metadata.num_rows == shard["blocks"]
 
 
-def test_no_test_split_says_do_eval_needs_one(tmp_path, sample_tokenizer):
+def test_no_test_split_says_do_eval_needs_one(tmp_path, sample_tokenizer, capsys):
     out = tmp_path / "out"
-    result = tokenize("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 256,
-                      "--test-size", 0, "--output-dir", out)
-    assert "do_eval" in result.stdout
+    tokenize_here("--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 256,
+                  "--test-size", 0, "--output-dir", out)
+    assert "do_eval" in capsys.readouterr().out
     assert not (out / "test").exists()
     assert list(manifest_module.read_manifest(out)["splits"]) == ["train"]
 
@@ -201,7 +212,7 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": documents[0]}, {"text": ""}, {"text": None},
                                                      *({"text": d} for d in documents[1:])])
     out = tmp_path / "out"
-    tokenize("--dataset-name", corpus, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size", 0,
+    tokenize_here("--dataset-name", corpus, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size", 0,
              "--shuffle", "0", "--output-dir", out)
     manifest = manifest_module.read_manifest(out)
     assert manifest["source"]["empty_documents"] == 2 and manifest["splits"]["train"]["documents"] == len(documents)
@@ -213,34 +224,50 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
     # A .txt file: one document per line, blank lines skipped (a filtered dataset is read through its index).
     text_file = tmp_path / "corpus.txt"
     text_file.write_text("\n\n".join(d.replace("\n", " ") for d in documents) + "\n", encoding="utf-8")
-    tokenize("--dataset-name", text_file, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size",
+    tokenize_here("--dataset-name", text_file, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size",
              0, "--shuffle", "false", "--output-dir", tmp_path / "from-txt")
     decoded, _ = decode_documents(tokenizer, split_stream(tmp_path / "from-txt", "train"))
     assert decoded == [d.replace("\n", " ") for d in documents][:len(decoded)] and len(decoded) >= len(documents) - 1
 
 
+def rss_file_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
+
+
+def test_mapped_corpus_pages_are_handed_back_and_stay_readable(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.arrow"
+    table = pa.table({"text": [f"{i:08d}" * 125 for i in range(20000)]})  # 20 MB of text
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    mapped = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    ranges = tokenize_dataset.mapped_file_ranges(".arrow")
+    assert sum(end - start for start, end in ranges) >= 20_000_000
+    assert sum(map(len, mapped.column("text").to_pylist())) == 20_000_000  # every page has been read
+    before = rss_file_kb()
+    tokenize_dataset.drop_mapped_pages(ranges)
+    assert rss_file_kb() < before - 15_000
+    assert mapped.column("text")[12345].as_py() == "00012345" * 125  # mapped again from the page cache on demand
+    monkeypatch.setattr(tokenize_dataset, "PROC_MAPS", tmp_path / "no-proc")  # not Linux: nothing to do
+    assert tokenize_dataset.mapped_file_ranges(".arrow") == []
+
+
 # --- the output folder: rerun, refuse, overwrite -----------------------------------------------------------------
 
-def test_rerun_skips_and_a_different_dataset_is_refused_unless_overwrite(tmp_path, sample_tokenizer):
+def test_rerun_skips_and_a_different_dataset_is_refused_unless_overwrite(tmp_path, sample_tokenizer, capsys):
     out = tmp_path / "out"
     common_args = ["--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--test-size", 0,
                    "--output-dir", out]
-    tokenize(*common_args, "--block-size", 256)
+    tokenize_here(*common_args, "--block-size", 256)
     before = (out / "manifest.json").stat().st_mtime_ns
-    result = tokenize(*common_args, "--block-size", 256)
-    assert "nothing to do" in result.stdout and (out / "manifest.json").stat().st_mtime_ns == before
-    result = tokenize(*common_args, "--block-size", 128, check=False)
-    assert result.returncode == 2 and "different tokenized dataset" in result.stderr and "block_size" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    tokenize_here(*common_args, "--block-size", 256)
+    assert "nothing to do" in capsys.readouterr().out and (out / "manifest.json").stat().st_mtime_ns == before
+    run_main_expecting([*common_args, "--block-size", 128], "different tokenized dataset \\(differs in block_size\\)")
     assert manifest_module.read_manifest(out)["block_size"] == 256
-    tokenize(*common_args, "--block-size", 128, "--overwrite")
+    tokenize_here(*common_args, "--block-size", 128, "--overwrite")
     assert manifest_module.read_manifest(out)["block_size"] == 128
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
-
-
-def run_main_expecting(argv, message):
-    with pytest.raises(InputError, match=message):
-        tokenize_dataset.main([str(a) for a in argv])
 
 
 def test_output_folder_with_other_content_is_refused(tmp_path, sample_tokenizer):
@@ -440,6 +467,24 @@ def test_tokenizer_from_the_hub_is_downloaded_then_loaded(monkeypatch, sample_to
     assert record["tokenizer_json_sha256"] == common.sha256_file(Path(sample_tokenizer) / "tokenizer.json")
     with pytest.raises(InputError, match="could not download tokenizer 'someone/missing'.*Repository Not Found"):
         tokenize_dataset.load_tokenizer("someone/missing", None)
+
+
+# --- the benchmark -----------------------------------------------------------------------------------------------
+
+def test_benchmark_measures_every_variant_on_one_synthesized_corpus(tmp_path):
+    result = run_script("Utilities/benchmark.py", "tokenize", "--corpus-mb", 0.2, "--block-size", 128,
+                        "--vocab-size", 512, "--work-dir", tmp_path, check=True)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [line["variant"] for line in lines] == ["original", "ours", "encode", "ratios"]
+    for line in lines[:3]:
+        assert line["seconds"] > 0 and line["peak_rss_mb"] > line["peak_anonymous_mb"] > 0
+    assert lines[0]["output_mb"] > 0 and lines[1]["output_mb"] > 0
+    assert set(lines[3]) >= {"original_over_ours", "ours_over_encode"}
+    corpus = tmp_path / "corpus-0.2mb.jsonl"
+    assert corpus.stat().st_size >= 200_000 and (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    bench = importlib.import_module("bench_tokenize")
+    again = bench.synthesize_corpus(tmp_path / "again.jsonl", 0.2, seed=0)
+    assert again.read_bytes() == corpus.read_bytes()  # deterministic: the same corpus for every run
 
 
 # --- manifest.py --------------------------------------------------------------------------------------------------

@@ -259,6 +259,27 @@ def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, script):
         (tmp_path / "from-jsonl" / "tokenizer.json").read_bytes()
 
 
+def test_plain_reads_match_the_memory_map_and_are_refused_when_rows_differ(tmp_path, script):
+    import types
+
+    import datasets
+    import numpy as np
+
+    texts = read_sample_texts()
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "d"))
+    dataset = datasets.load_from_disk(str(tmp_path / "d"))
+    files = script.plain_arrow_files(dataset, "text")
+    positions = np.array([0, 1, 5, 77, len(texts) - 1])
+    assert [t for b in script.read_arrow_files(files, "text", positions) for t in b] == [texts[i] for i in positions]
+    assert [t for b in script.read_mapped(dataset, "text", positions) for t in b] == [texts[i] for i in positions]
+    assert script.plain_arrow_files(dataset.select(range(5)), "text") is None  # a slice of the file
+    assert script.plain_arrow_files(dataset.filter(lambda row: True), "text") is None  # an indices file
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
+    junk = types.SimpleNamespace(num_rows=1, data=types.SimpleNamespace(num_rows=1),
+                                 cache_files=[{"filename": str(tmp_path / "junk.arrow")}])
+    assert script.plain_arrow_files(junk, "text") is None
+
+
 def test_save_to_disk_folder_with_other_columns(tmp_path, sample_tokenizer):
     import datasets
 
@@ -340,9 +361,12 @@ def test_existing_output_dir_is_kept_unless_overwrite(tmp_path):
 
 # --- the benchmark ----------------------------------------------------------------------------------------------
 
-def test_synthetic_corpus_is_deterministic_and_varied():
-    sys.path.insert(0, str(REPO / "Utilities"))
-    bench = load_module("bench_tokenizer", REPO / "Utilities" / "bench_tokenizer.py")
+@pytest.fixture(scope="module")
+def bench():
+    return load_module("bench_tokenizer", REPO / "Utilities" / "bench_tokenizer.py")
+
+
+def test_synthetic_corpus_is_deterministic_and_varied(bench):
     sentences, words = bench.load_pieces(SAMPLE)
     first = list(bench.synthetic_documents(sentences, words, 50_000, seed=3))
     assert first == list(bench.synthetic_documents(sentences, words, 50_000, seed=3))
@@ -353,6 +377,19 @@ def test_synthetic_corpus_is_deterministic_and_varied():
     assert len(changed) > len(first)
 
 
+def test_benchmark_helpers(bench, tmp_path):
+    assert bench.join_documents(["aa", "bb", "cc"], 3) == ["aa\n\nbb", "cc"]
+    assert bench.join_documents(["aaa", "bb"], 3) == ["aaa", "bb"]
+    folder = bench.build_corpus(SAMPLE, 0.02, 5, tmp_path)
+    written = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    assert bench.build_corpus(SAMPLE, 0.02, 5, tmp_path) == folder  # built once, then reused
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == written
+    with pytest.raises(bench.InputError, match="does not exist"):
+        bench.load_pieces(tmp_path / "missing.jsonl")
+    result = run_script("Utilities/benchmark.py", "tokenizer", "--size-mb", 0, "--work-dir", tmp_path)
+    assert result.returncode == 2 and "--size-mb must be positive" in result.stderr
+
+
 def test_benchmark_runs_both_variants(tmp_path):
     result = run_script("Utilities/benchmark.py", "tokenizer", "--size-mb", 0.3, "--vocab-size", 400,
                         "--work-dir", tmp_path, "--encode-mb", 0.05)
@@ -361,9 +398,10 @@ def test_benchmark_runs_both_variants(tmp_path):
     assert [line["variant"] for line in lines] == ["original", "ours"]
     for line in lines:
         assert line["benchmark"] == "tokenizer" and line["vocab_size"] == 400 and line["corpus_mb"] >= 0.3
-        assert line["seconds"] > 0 and line["peak_rss_mb"] > 50 and line["encode_mb_per_second"] > 0
+        assert line["seconds"] > 0 and line["peak_rss_mib"] > 50
+        assert line["encode_mb_per_second"] > 0 and line["encode_256kb_documents_mb_per_second"] > 0
         if sys.platform == "linux":
-            assert 10 < line["peak_anon_mb"] <= line["peak_rss_mb"]
+            assert 10 < line["peak_anon_mib"] <= line["peak_rss_mib"]
     original, ours = lines
     assert ours["documents"] == original["documents"] - min(1000, original["documents"] // 10)
     assert "ours against the original" in result.stdout
