@@ -334,5 +334,5 @@ def estimate_trial(pre_training, spec, args):
     def trial(micro_batch: int) -> dict:
         gib = throughput.estimated_memory_gib(config, profile, block_size=spec.data.block_size,
                                               micro_batch=micro_batch, chunk_tokens=chunk, mixed_precision=mixed)
-        return {"fits": gib <= HEADROOM * args.memory_gib, "estimated_peak_gib": round(gib, 2), **profile}
+        return {"fits": gib <= HEADROOM * args.memory_gib, "estimated_peak_gib": round(gib, 4), **profile}
     return trial

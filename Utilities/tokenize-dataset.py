@@ -71,20 +71,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-name", required=True,
                         help="local .txt/.jsonl/.parquet/.csv file or folder, save_to_disk folder, or Hub dataset")
-    parser.add_argument("--dataset-split", default="train", help="split of a Hub or save_to_disk dataset (default: train)")
+    parser.add_argument("--dataset-split", default="train",
+                        help="split of a Hub or save_to_disk dataset (default: train)")
     parser.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
     parser.add_argument("--tokenizer-name", required=True, help="tokenizer folder (or a Hub name when online)")
-    parser.add_argument("--block-size", type=int, default=2048, help="tokens per row, the model's context (default: 2048)")
+    parser.add_argument("--block-size", type=int, default=2048,
+                        help="tokens per row, the model's context (default: 2048)")
     parser.add_argument("--test-size", type=parse_test_size, default=0.01,
                         help="blocks for the test split (e.g. 30000), a fraction of the text (default: 0.01), or 0")
-    parser.add_argument("--shuffle", type=parse_bool, default=True, help="shuffle the documents: true/false, 1/0, yes/no (default: true)")
+    parser.add_argument("--shuffle", type=parse_bool, default=True,
+                        help="shuffle the documents: true/false, 1/0, yes/no (default: true)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffle (default: 42)")
     parser.add_argument("--output-dir", required=True, help="folder to write (train/, test/, manifest.json)")
     parser.add_argument("--num-proc", type=int, default=1,
                         help="tokenizer processes (default: 1, which already uses every core; more help on many cores)")
     parser.add_argument("--blocks-per-shard", type=int, default=None,
                         help=f"rows per parquet file (default: {SHARD_TOKENS:,} tokens' worth, ~100-250 MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the tokenized dataset that --output-dir holds")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tokenized dataset that --output-dir holds")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                         help="also upload the finished folder as this Hub dataset repository")
     parser.add_argument("--token", default=None, help="Hugging Face token; never printed or saved (default: $HF_TOKEN)")
@@ -162,8 +166,8 @@ def load_tokenizer(name: str, token: str | None):
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise InputError(f"tokenizer '{name}' lacks a BOS or EOS token, which separate the packed documents; "
                          f"give a tokenizer that defines both")
-    return tokenizer, {"path": str(folder.resolve()) if local else name, "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
-                       "vocab_size": len(tokenizer)}
+    return tokenizer, {"path": str(folder.resolve()) if local else name,
+                       "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"), "vocab_size": len(tokenizer)}
 
 
 def download_tokenizer(name: str, token: str | None) -> Path:
@@ -331,7 +335,8 @@ def make_executor(tokenizer, num_proc: int):
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
     if num_proc == 1:
         return ThreadPoolExecutor(2), partial(encode_documents, text_backend(tokenizer_json), *ids)
-    threads = max(1, len(os.sched_getaffinity(0)) // num_proc)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, cores // num_proc)
     executor = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_start_worker,
                                    initargs=(tokenizer_json, *ids, threads))
     return executor, _encode_in_worker

@@ -12,6 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "pt-sample.jsonl"
 TEST_VOCAB_SIZE = 1024
 TEST_BLOCK_SIZE = 128
+# The tiny Llama the training tests share: 2 layers, hidden 64, grouped-query attention, on the sample's blocks.
+TINY_MODEL = ["model_args.hidden_size=64", "model_args.intermediate_size=128", "model_args.num_hidden_layers=2",
+              "model_args.num_attention_heads=4", "model_args.num_key_value_heads=2",
+              f"model_args.max_position_embeddings={TEST_BLOCK_SIZE}", f"model_args.vocab_size={TEST_VOCAB_SIZE}",
+              f"data_args.block_size={TEST_BLOCK_SIZE}"]
 
 # No test may reach the network: the Hub is "unreachable" and trackers stay offline.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

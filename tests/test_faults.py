@@ -22,15 +22,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE
+from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
 
 sys.path.insert(0, str(REPO))
 import checkpointing  # noqa: E402
 
-TINY = ["model_args.hidden_size=64", "model_args.intermediate_size=128", "model_args.num_hidden_layers=2",
-        "model_args.num_attention_heads=4", "model_args.num_key_value_heads=2",
-        f"model_args.max_position_embeddings={TEST_BLOCK_SIZE}", f"model_args.vocab_size={TEST_VOCAB_SIZE}",
-        f"data_args.block_size={TEST_BLOCK_SIZE}", "training_args.per_device_eval_batch_size=8",
+TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
         "training_args.warmup_steps=3", "training_args.do_eval=false", "extra_args.sample_every=null"]
 # 12 steps, checkpoints at 4 and 8, a metrics line every 3 steps: a stop at step 5 falls inside a logging window.

@@ -7,12 +7,9 @@ import shutil
 
 import pytest
 
-from conftest import REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, run_script
+from conftest import REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
 
-TINY = ["model_args.hidden_size=64", "model_args.intermediate_size=128", "model_args.num_hidden_layers=2",
-        "model_args.num_attention_heads=4", "model_args.num_key_value_heads=2",
-        f"model_args.max_position_embeddings={TEST_BLOCK_SIZE}", f"model_args.vocab_size={TEST_VOCAB_SIZE}",
-        f"data_args.block_size={TEST_BLOCK_SIZE}", "training_args.per_device_train_batch_size=4",
+TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.per_device_eval_batch_size=8", "training_args.gradient_accumulation_steps=2",
         "training_args.learning_rate=0.005", "training_args.warmup_steps=3", "extra_args.wandb_log_steps=1",
         "extra_args.mixed_precision=no"]
