@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -396,7 +397,22 @@ def parse_cli(argv: typing.Sequence[str] | None, description: str):
     parser.add_argument("overrides", nargs="*", metavar="group.key=value",
                         help="values that override the spec file, e.g. training_args.max_steps=20")
     args = parser.parse_args(argv)
-    return load_spec(args.spec_file, args.overrides), args
+    spec = load_spec(args.spec_file, args.overrides)
+    if argv is None:
+        # Libraries record the command line (W&B keeps it in the run's metadata): a token given as an override
+        # must not travel with it.
+        sys.argv[1:] = mask_secret_overrides(sys.argv[1:])
+    return spec, args
+
+
+def mask_secret_overrides(arguments: typing.Sequence[str]) -> list[str]:
+    """The arguments with the value of every `group.<secret field>=value` override replaced by the mask."""
+    masked = []
+    for argument in arguments:
+        dotted, sep, _ = argument.partition("=")
+        secret = sep and dotted.strip().rpartition(".")[2] in SECRET_FIELDS
+        masked.append(f"{dotted}={MASK}" if secret else argument)
+    return masked
 
 
 def markdown_table() -> str:

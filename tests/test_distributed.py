@@ -200,13 +200,19 @@ def test_names_logs_and_samples_do_not_depend_on_process_count(single, ddp):
         ["random_states_0.pkl", "random_states_1.pkl"]
 
 
-def test_resume_under_two_processes_equals_the_uninterrupted_run(ddp, sample_tokenizer, sample_tokenized, tmp_path):
-    output_dir, _ = ddp
+def resume_from_step_3(output_dir, sample_tokenizer, sample_tokenized, tmp_path, **launch):
+    """A fresh output_dir holding only the uninterrupted run's step_3, resumed from `latest` under 2 processes."""
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(output_dir / "step_3", resumed_dir / "step_3")
     result = two_processes(sample_tokenizer, sample_tokenized, resumed_dir, tmp_path,
-                           "training_args.resume_from_checkpoint=latest")
+                           "training_args.resume_from_checkpoint=latest", **launch)
+    return resumed_dir, result
+
+
+def test_resume_under_two_processes_equals_the_uninterrupted_run(ddp, sample_tokenizer, sample_tokenized, tmp_path):
+    output_dir, _ = ddp
+    resumed_dir, result = resume_from_step_3(output_dir, sample_tokenizer, sample_tokenized, tmp_path)
     assert "at step 3" in result.stdout
     assert_same_training(resumed_dir, output_dir, steps=[4, 5, 6])
     assert records(resumed_dir, "samples.jsonl") == [s for s in records(output_dir, "samples.jsonl") if s["step"] > 3]
@@ -279,12 +285,9 @@ def test_fsdp_in_bf16_keeps_float32_losses_and_gradient_reductions(single, sampl
 
 def test_fsdp_resume_equals_the_uninterrupted_run(fsdp, sample_tokenizer, sample_tokenized, tmp_path):
     output_dir, _ = fsdp
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(output_dir / "step_3", resumed_dir / "step_3")
-    result = two_processes(sample_tokenizer, sample_tokenized, resumed_dir, tmp_path,
-                           "training_args.resume_from_checkpoint=latest",
-                           launcher=("--config_file", "fsdp_config.yaml"), script="tests/fsdp_on_cpu.py")
+    resumed_dir, result = resume_from_step_3(output_dir, sample_tokenizer, sample_tokenized, tmp_path,
+                                             launcher=("--config_file", "fsdp_config.yaml"),
+                                             script="tests/fsdp_on_cpu.py")
     assert "at step 3" in result.stdout
     assert_same_training(resumed_dir, output_dir, steps=[4, 5, 6])
 

@@ -178,14 +178,20 @@ def test_fallbacks_are_announced(sample_tokenizer, sample_tokenized, tmp_path):
     assert config["vocab_size"] == TEST_VOCAB_SIZE and config["hidden_size"] == 64
 
 
-def test_wandb_offline_writes_a_run(sample_tokenizer, sample_tokenized, tmp_path):
+@pytest.mark.parametrize("token", [None, "wandb-secret-4242"])
+def test_wandb_offline_writes_a_run(sample_tokenizer, sample_tokenized, tmp_path, token):
+    with_token = [f"extra_args.wandb_token={token}"] if token else []
     result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=2",
                    "training_args.warmup_steps=0", "training_args.do_eval=false", "extra_args.sample_every=1",
-                   "extra_args.checkpointing_steps=null", env={"WANDB_MODE": "offline"})
+                   "extra_args.checkpointing_steps=null", *with_token, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))
+    if token:  # the key reaches wandb through the environment only: never the output, the config or any file
+        assert token not in result.stdout + result.stderr
+        for path in (tmp_path / "out").rglob("*"):
+            assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.parametrize("extra,message", [

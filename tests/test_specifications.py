@@ -244,3 +244,13 @@ def test_unquoted_no_means_the_choice_no(tmp_path):
     path = write(tmp_path, "training_args:\n  evaluation_strategy: no\nextra_args:\n  mixed_precision: no\n")
     spec = load_spec(path, ["extra_args.mixed_precision=no"])
     assert (spec.training.evaluation_strategy, spec.extra.mixed_precision) == ("no", "no")
+
+
+def test_secret_overrides_are_masked_in_the_command_line():
+    from specifications import mask_secret_overrides
+
+    arguments = ["--spec-file", "specs.yaml", "training_args.hub_token=hf_abc", "extra_args.wandb_token=w-123",
+                 "training_args.max_steps=20", "--dry-run"]
+    assert mask_secret_overrides(arguments) == ["--spec-file", "specs.yaml", f"training_args.hub_token={MASK}",
+                                                f"extra_args.wandb_token={MASK}", "training_args.max_steps=20",
+                                                "--dry-run"]
