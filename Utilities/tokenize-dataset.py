@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import math
 import mmap
 import os
@@ -145,29 +146,77 @@ def check_hub_for_push(repo_id: str, token: str | None) -> None:
                          f"pass --token or set HF_TOKEN") from None
 
 
-def load_tokenizer(name: str, token: str | None):
-    """The tokenizer, and what the manifest records about it (path, sha256 of tokenizer.json, vocabulary size)."""
-    from transformers import AutoTokenizer
+@dataclass
+class PackingTokenizer:
+    """What packing needs of a tokenizer folder: its Rust tokenizer and the ids that separate documents."""
+    backend: object          # tokenizers.Tokenizer, set to encode text that looks like `</s>` as text
+    bos_token_id: int
+    eos_token_id: int
+    vocab_size: int          # with the added tokens, as len() of the transformers tokenizer counts it
 
+
+def load_tokenizer(name: str, token: str | None) -> tuple[PackingTokenizer, dict]:
+    """The tokenizer, and what the manifest records about it (path, sha256 of tokenizer.json, vocabulary size).
+
+    Read with the `tokenizers` library alone: transformers (and torch behind it) would add seconds of start-up
+    to every run for nothing, since packing encodes with tokenizer.json exactly as the file defines it and takes
+    the BOS/EOS tokens from the folder's configs.
+    """
     folder = Path(name).expanduser()
     local = folder.exists()
     if not local:
         if looks_local(name):
             raise InputError(f"tokenizer '{name}' does not exist; check the path")
         folder = download_tokenizer(name, token)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as error:  # transformers raises many kinds for a folder that is not a tokenizer
-        raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
-                         f"by train-sentencepiece.py") from None
-    if getattr(tokenizer, "backend_tokenizer", None) is None or not (folder / "tokenizer.json").is_file():
+    if not folder.is_dir():
+        raise InputError(f"tokenizer '{name}' is a file; give the folder that holds its tokenizer.json")
+    if not (folder / "tokenizer.json").is_file():
         raise InputError(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json; give a folder written "
                          f"by train-sentencepiece.py")
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+    tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8", errors="replace")
+    try:
+        backend = text_backend(tokenizer_json)
+    except Exception as error:  # the Rust parser's message names the offending field
+        raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
+                         f"by train-sentencepiece.py") from None
+    special = special_tokens(folder, name)
+    ids = {role: backend.token_to_id(special[role]) if special.get(role) else None for role in ("bos", "eos")}
+    if ids["bos"] is None or ids["eos"] is None:
         raise InputError(f"tokenizer '{name}' lacks a BOS or EOS token, which separate the packed documents; "
                          f"give a tokenizer that defines both")
+    tokenizer = PackingTokenizer(backend, ids["bos"], ids["eos"], backend.get_vocab_size(with_added_tokens=True))
     return tokenizer, {"path": str(folder.resolve()) if local else name,
-                       "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"), "vocab_size": len(tokenizer)}
+                       "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
+                       "vocab_size": tokenizer.vocab_size}
+
+
+def special_tokens(folder: Path, name: str) -> dict[str, str]:
+    """The BOS and EOS token strings, as transformers 5 finds them: in tokenizer_config.json, overridden by the
+    legacy special_tokens_map.json unless the config lists its added tokens itself."""
+    config = read_json_config(folder / "tokenizer_config.json", name)
+    sources = [config]
+    if "added_tokens_decoder" not in config:
+        sources.append(read_json_config(folder / "special_tokens_map.json", name))
+    found = {}
+    for values in sources:
+        for role in ("bos", "eos"):
+            value = values.get(f"{role}_token")
+            if isinstance(value, dict):  # a serialized AddedToken
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                found[role] = value
+    return found
+
+
+def read_json_config(path: Path, name: str) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"could not load a tokenizer from '{name}' ({path.name}: {_first_line(error)}); give a "
+                         f"folder written by train-sentencepiece.py") from None
+    return values if isinstance(values, dict) else {}
 
 
 def download_tokenizer(name: str, token: str | None) -> Path:
@@ -331,10 +380,10 @@ def make_executor(tokenizer, num_proc: int):
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     from multiprocessing import get_context
 
-    tokenizer_json = tokenizer.backend_tokenizer.to_str()
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
     if num_proc == 1:
-        return ThreadPoolExecutor(2), partial(encode_documents, text_backend(tokenizer_json), *ids)
+        return ThreadPoolExecutor(2), partial(encode_documents, tokenizer.backend, *ids)
+    tokenizer_json = tokenizer.backend.to_str()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, cores // num_proc)
     executor = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_start_worker,

@@ -352,6 +352,49 @@ def test_unusable_tokenizers_are_refused(tmp_path, kind, message):
     assert not out.exists()
 
 
+def test_tokenizer_is_read_without_transformers_as_transformers_reads_it(tmp_path, sample_tokenizer, tokenizer):
+    folder = tmp_path / "older-folder"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((Path(sample_tokenizer) / "tokenizer.json").read_bytes())
+    # Older folders keep the special tokens in special_tokens_map.json, as serialized AddedTokens; its tokens win
+    # over tokenizer_config.json's unless the config lists its added tokens, as in transformers 5.
+    added = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<s>", **added},
+                                                                "eos_token": {"content": "<unk>", **added}}))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(folder)
+    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    assert (packing.bos_token_id, packing.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (1, 0)
+    config["added_tokens_decoder"] = {str(i): {"content": t, **added} for i, t in enumerate(["<unk>", "<s>", "</s>",
+                                                                                             "<pad>"])}
+    config["bos_token"] = "</s>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = AutoTokenizer.from_pretrained(folder)
+    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    assert (packing.bos_token_id, packing.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (2, 3)
+    assert packing.vocab_size == record["vocab_size"] == len(reference) == len(tokenizer)
+    text = "  Olá, mundo!\n\tação </s> 2024 😀"
+    assert packing.backend.encode(text, add_special_tokens=False).ids == \
+        tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_tokenizer_file_or_broken_config_is_refused(tmp_path, sample_tokenizer):
+    out = tmp_path / "out"
+    tokenizer_file = Path(sample_tokenizer) / "tokenizer.json"
+    run_main_expecting(["--dataset-name", SAMPLE, "--tokenizer-name", tokenizer_file, "--output-dir", out],
+                       "is a file; give the folder")
+    broken = tmp_path / "broken-config"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    (broken / "tokenizer_config.json").write_text("{'bos_token': '<s>'")
+    run_main_expecting(["--dataset-name", SAMPLE, "--tokenizer-name", broken, "--output-dir", out],
+                       "could not load a tokenizer .*tokenizer_config.json")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("rows, extra, message", [
     ([], [], "is empty"),
     ([{"text": ""}, {"text": None}], [], "only empty documents"),
