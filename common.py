@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -122,6 +123,60 @@ def _load_local(path: Path, split: str):
     if kind == "text":
         dataset = dataset.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
     return dataset
+
+
+def plain_arrow_files(dataset, column: str) -> list[str] | None:
+    """The dataset's Arrow files when reading them front to back gives exactly its rows, else None.
+
+    Reading through datasets' memory map leaves every page touched resident in the reading process, so a pass over
+    the corpus would grow resident memory by the corpus size; plain reads of one record batch at a time do not.
+    """
+    import pyarrow as pa
+
+    if dataset.num_rows != dataset.data.num_rows:  # an indices mapping, e.g. blank lines of a .txt filtered out
+        return None
+    files, rows = [entry["filename"] for entry in dataset.cache_files], 0
+    try:
+        for path in files:
+            # Mapped only to count rows: that reads batch headers, not the text, and the map is closed right after.
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_stream(source)
+                if column not in reader.schema.names:  # an indices file: rows are not in file order
+                    return None
+                rows += sum(batch.num_rows for batch in reader)
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return files if files and rows == dataset.num_rows else None
+
+
+def text_corpus_files(name: str, split: str, text_column: str, token: str | None, scratch: str) -> dict:
+    """Load a text dataset as load_text_dataset does; Arrow stream files whose rows, in order, are its rows.
+
+    These are the dataset's own files in the usual case; otherwise (a .txt whose blank lines were filtered out, a
+    slice, a dataset held in memory) its text column is first written to one file in `scratch`.
+    """
+    import pyarrow as pa
+
+    dataset = load_text_dataset(name, split, text_column, token)
+    files = plain_arrow_files(dataset, text_column)
+    if files is None:
+        files = [str(Path(scratch) / "corpus.arrow")]
+        schema = pa.schema([pa.field(text_column, pa.large_string())])
+        with pa.OSFile(files[0], "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+                writer.write_table(batch.select([text_column]).cast(schema))
+    return {"files": files, "num_rows": dataset.num_rows}
+
+
+def text_corpus_child(request_file: str) -> None:
+    """Entry point of the process that text_corpus_files runs in; the request and answer are JSON files."""
+    request = json.loads(Path(request_file).read_text(encoding="utf-8"))
+    try:
+        answer = text_corpus_files(request["name"], request["split"], request["text_column"],
+                                   os.environ.get("HF_TOKEN") or None, request["scratch"])
+    except InputError as error:
+        answer = {"error": str(error)}
+    (Path(request["scratch"]) / "answer.json").write_text(json.dumps(answer), encoding="utf-8")
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

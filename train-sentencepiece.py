@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
 
-from common import InputError, atomic_dir, hub_reachable, load_text_dataset, looks_local, run_main  # noqa: E402
+from common import InputError, atomic_dir, hub_reachable, looks_local, run_main  # noqa: E402
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 UNK_ID, BOS, EOS = 0, "<s>", "</s>"
@@ -37,11 +40,15 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 1
 MAX_ALPHABET = 1000
 BATCH_DOCUMENTS = 1000
 HELD_OUT_DOCUMENTS = 1000
-# Splits the normalized text before each run of "▁" and never changes it. Training needs it (one document is
-# otherwise one "word": slow, and merges cross spaces); encoding with it works, and caches, word by word, which keeps
-# long documents fast. A run of spaces stays with the word after it, as sentencepiece keeps it.
-WORD_SPLIT = {"type": "Split", "pattern": {"Regex": f"{SPACE}*[^{SPACE}]+|{SPACE}+"}, "behavior": "Isolated",
-              "invert": False}
+CORPUS_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from common import text_corpus_child; " \
+               "text_corpus_child(sys.argv[2])"
+# Cuts the normalized text into pieces and never changes it: words (with the run of "▁" before them, as
+# sentencepiece keeps it), single digits (Llama 2 splits every number into digits), and runs of "▁" or of other
+# whitespace (line breaks, tabs). Training needs it: a document is otherwise one "word" (slow, and merges cross
+# spaces), and words glued across line breaks would fill the trainer's table with one-off combinations. Encoding
+# works, and caches, piece by piece, which keeps long documents fast.
+WORD_SPLIT = {"type": "Split", "pattern": {"Regex": f"{SPACE}*[^{SPACE}\\s\\d]+|\\d|{SPACE}+|\\s+"},
+              "behavior": "Isolated", "invert": False}
 # What must come back unchanged from decode(encode(text)); a reference whose settings fail this is refused.
 ROUND_TRIP_PROBE = ("  Ação, coração e pão: São Paulo à noite!\n\tdef f(x):\n        return x  # 42\n"
                     "R$ 12,50 — 3,5%   espaços 😀 汉字 ẞ Ω\n")
@@ -83,29 +90,33 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     settings = reference_settings(args.reference_tokenizer, args.hub_token)
-    dataset = load_text_dataset(args.dataset_name, args.dataset_split, args.text_column, args.hub_token)
-    train_positions, held_out_positions = choose_documents(dataset.num_rows, args.num_samples, args.seed)
-    if len(train_positions) < args.num_samples:
-        held_out = f" and holding {len(held_out_positions)} out for the report" if len(held_out_positions) else ""
-        print(f"note: '{args.dataset_name}' has {dataset.num_rows} documents, fewer than --num_samples "
-              f"{args.num_samples}; training on {len(train_positions)} of them{held_out}")
-    totals = {"documents": 0, "characters": 0}
-    training_started = time.perf_counter()
-    tokenizer = train(settings, training_batches(dataset, args.text_column, train_positions, totals),
-                      args.vocab_size, show_progress=sys.stderr.isatty())
-    training_seconds = time.perf_counter() - training_started
-    if totals["characters"] == 0:
-        raise InputError(f"column '{args.text_column}' of '{args.dataset_name}' holds no text; give documents "
-                         f"that are not empty")
-    check_round_trip(tokenizer, settings)
-    evaluated_on = held_out_positions if len(held_out_positions) else train_positions[:HELD_OUT_DOCUMENTS]
+    with tempfile.TemporaryDirectory(prefix="train-sentencepiece-") as scratch:
+        corpus = locate_corpus(args, Path(scratch))
+        files, num_rows = corpus["files"], corpus["num_rows"]
+        train_positions, held_out_positions = choose_documents(num_rows, args.num_samples, args.seed)
+        if len(train_positions) < args.num_samples:
+            held_out = f" and holding {len(held_out_positions)} out for the report" if len(held_out_positions) else ""
+            print(f"note: '{args.dataset_name}' has {num_rows} documents, fewer than --num_samples "
+                  f"{args.num_samples}; training on {len(train_positions)} of them{held_out}")
+        totals = {"documents": 0, "characters": 0}
+        training_started = time.perf_counter()
+        tokenizer = train(settings, training_batches(files, args.text_column, train_positions, totals),
+                          args.vocab_size, show_progress=sys.stderr.isatty())
+        training_seconds = time.perf_counter() - training_started
+        if totals["characters"] == 0:
+            raise InputError(f"column '{args.text_column}' of '{args.dataset_name}' holds no text; give documents "
+                             f"that are not empty")
+        check_round_trip(tokenizer, settings)
+        evaluated_on = held_out_positions if len(held_out_positions) else train_positions[:HELD_OUT_DOCUMENTS]
+        measured_texts = [text or "" for batch in read_arrow_files(files, args.text_column, evaluated_on)
+                          for text in batch]
     report = {
         "dataset_name": args.dataset_name, "dataset_split": args.dataset_split, "text_column": args.text_column,
         "seed": args.seed, "settings_from": settings["source"],
         "vocab_size_requested": args.vocab_size, "vocab_size": tokenizer.get_vocab_size(),
         "documents_trained": totals["documents"], "characters_trained": totals["characters"],
         "documents_measured": len(evaluated_on), "measured_on_held_out": bool(len(held_out_positions)),
-        **measure(tokenizer, [text or "" for text in dataset[evaluated_on.tolist()][args.text_column]]),
+        **measure(tokenizer, measured_texts),
         "seconds_training": round(training_seconds, 3),
     }
     with atomic_dir(args.output_dir, overwrite=args.overwrite) as folder:
@@ -114,6 +125,28 @@ def main(argv=None):
         (folder / "tokenizer_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                                                        encoding="utf-8")
     print_summary(report, args.output_dir)
+
+
+def locate_corpus(args, scratch: Path) -> dict:
+    """The dataset as Arrow files to read with pyarrow and its number of documents, found by a child process.
+
+    Loading goes through the datasets library, whose imports (pandas, an HTTP stack: about 70 MB) would otherwise
+    stay in this process all through training, beside the trainer's table of words. The child exits once the
+    corpus is on disk as Arrow; the token reaches it through its environment, never its command line.
+    """
+    request = scratch / "request.json"
+    request.write_text(json.dumps({"name": args.dataset_name, "split": args.dataset_split,
+                                   "text_column": args.text_column, "scratch": str(scratch)}), encoding="utf-8")
+    environment = dict(os.environ, **({"HF_TOKEN": args.hub_token} if args.hub_token else {}))
+    child = subprocess.run([sys.executable, "-c", CORPUS_CHILD, str(REPO), str(request)], env=environment)
+    answer_file = scratch / "answer.json"
+    answer = json.loads(answer_file.read_text(encoding="utf-8")) if answer_file.is_file() else {}
+    if "error" in answer:
+        raise InputError(answer["error"])
+    if child.returncode != 0 or "files" not in answer:
+        raise RuntimeError(f"reading dataset '{args.dataset_name}' failed (exit status {child.returncode}); "
+                           f"its messages are above")
+    return answer
 
 
 def llama2_settings() -> dict:
@@ -184,39 +217,13 @@ def choose_documents(num_rows: int, num_samples: int, seed: int):
     return np.sort(chosen[held_out:]), np.sort(chosen[:held_out])
 
 
-def training_batches(dataset, column: str, positions, totals: dict):
+def training_batches(files: list[str], column: str, positions, totals: dict):
     """Lists of at most BATCH_DOCUMENTS texts at `positions`, counted into `totals`; memory stays one batch."""
-    files = plain_arrow_files(dataset, column)
-    batches = read_arrow_files(files, column, positions) if files else read_mapped(dataset, column, positions)
-    for texts in batches:
+    for texts in read_arrow_files(files, column, positions):
         texts = [text for text in texts if text]
         totals["documents"] += len(texts)
         totals["characters"] += sum(map(len, texts))
         yield texts
-
-
-def plain_arrow_files(dataset, column: str) -> list[str] | None:
-    """The dataset's Arrow files when reading them front to back gives exactly its rows, else None.
-
-    Reading through datasets' memory map leaves every page touched resident in this process, so a pass over the
-    corpus would grow resident memory by the corpus size; plain reads of one record batch at a time do not.
-    """
-    import pyarrow as pa
-
-    if dataset.num_rows != dataset.data.num_rows:  # an indices mapping, e.g. blank lines of a .txt filtered out
-        return None
-    files, rows = [entry["filename"] for entry in dataset.cache_files], 0
-    try:
-        for path in files:
-            # Mapped only to count rows: that reads batch headers, not the text, and the map is closed right after.
-            with pa.memory_map(path) as source:
-                reader = pa.ipc.open_stream(source)
-                if column not in reader.schema.names:  # an indices file: rows are not in file order
-                    return None
-                rows += sum(batch.num_rows for batch in reader)
-    except (OSError, pa.ArrowInvalid):
-        return None
-    return files if files and rows == dataset.num_rows else None
 
 
 def read_arrow_files(files: list[str], column: str, positions):
@@ -234,11 +241,6 @@ def read_arrow_files(files: list[str], column: str, positions):
                     rows = positions[first:min(stop, first + BATCH_DOCUMENTS)] - start
                     yield record_batch.column(column).take(pa.array(rows)).to_pylist()
                 taken, start = stop, end
-
-
-def read_mapped(dataset, column: str, positions):
-    for batch in dataset.select(positions).iter(batch_size=BATCH_DOCUMENTS):
-        yield batch[column]
 
 
 def assemble(settings: dict, vocab: dict, merges: list, add_bos: bool = False, add_eos: bool = False):

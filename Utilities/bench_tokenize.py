@@ -153,7 +153,7 @@ def measure_variant(variant: str, corpus: Path, tokenizer: str, work: Path, args
                 "peak_rss_mb": round(result["peak_rss_bytes"] / 1e6, 1),
                 "peak_anonymous_mb": round(result["peak_anonymous_bytes"] / 1e6, 1)}
     if output.exists():
-        measured["output_mb"] = round(sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) / 1e6, 1)
+        measured["output_mb"] = round(sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) / 1e6, 3)
         shutil.rmtree(output, ignore_errors=True)
     return measured
 

@@ -4,12 +4,14 @@
     python Utilities/benchmark.py tokenizer --size-mb 300 --repeats 2
 
 The corpus is built offline and deterministically from data/sample/pt-sample.jsonl: its sentences recombined, with
-fresh numbers and swapped words, into documents of one to four paragraphs, saved with `save_to_disk` under
---work-dir and reused by later runs of the same size and seed. The original approach loads it, shuffles, and hands
-the whole text column as one Python list to `SentencePieceBPETokenizer.train_from_iterator`; ours runs
-train-sentencepiece.py. Each variant runs in its own process, timed from start to exit; its peak memory is that
-process's max RSS (which counts the pages of memory-mapped files it touched) and, on Linux, the peak of its heap
-alone (RssAnon, sampled every 20 ms). Also measured, in this process: how fast each saved tokenizer encodes
+redrawn numbers and a share of the words swapped for made-up ones of Zipf-like frequencies (so that, as in real
+text, new words keep coming as the corpus grows), into documents of one to four paragraphs, saved with
+`save_to_disk` under --work-dir and reused by later runs of the same size and seed. The original approach loads it,
+shuffles, and hands the whole text column as one Python list to `SentencePieceBPETokenizer.train_from_iterator`;
+ours runs train-sentencepiece.py. Each variant runs in its own process, timed from start to exit; its peak memory
+counts its child processes too: the larger of the kernel's max RSS and the RSS summed over the process tree
+(sampled every 20 ms on Linux), plus the peak of the heap alone (RssAnon, without mapped files), summed likewise.
+Also measured, in this process: how fast each saved tokenizer encodes
 (encode_batch_fast, MB/s over the first --encode-mb of the corpus, as they are and joined into documents of about
 256 KB) and its characters per token.
 """
@@ -33,6 +35,13 @@ sys.path.insert(0, str(REPO))
 from common import InputError, atomic_dir  # noqa: E402
 
 NUMBER = re.compile(r"\d+")
+WORD = re.compile(r"[^\W\d_]+")
+VOWELS = "aeiouáéíóúâêôãõàü"
+SYLLABLE = re.compile(f"[^{VOWELS}]*[{VOWELS}]+")
+NEW_WORD_SHARE = 0.2   # of the sample's words, replaced by made-up ones
+ZIPF_TAIL = 0.2        # rank r drawn with P(rank >= r) = r^-0.2
+MAX_RANK = 10 ** 9
+CORPUS_VERSION = 2     # in the corpus folder's name: a changed generator never reuses an old corpus
 SENTENCE_END = re.compile(r"(?<=[.!?:;])[ ]+|\n+")
 
 
@@ -88,21 +97,46 @@ def run(args) -> None:
 
 
 def load_pieces(sample: Path) -> tuple[list[str], list[str]]:
-    """Sentences and distinct words of the sample, in a fixed order."""
+    """Sentences and syllables of the sample, in a fixed order."""
     if not sample.is_file():
         raise InputError(f"sample corpus '{sample}' does not exist; pass --sample with a JSON lines file")
     with open(sample, encoding="utf-8") as handle:
         texts = [json.loads(line)["text"] for line in handle if line.strip()]
     sentences = [s for text in texts for s in SENTENCE_END.split(text) if s.strip()]
-    return sentences, sorted({word for sentence in sentences for word in sentence.split(" ") if word})
+    words = {word for sentence in sentences for word in WORD.findall(sentence.lower())}
+    syllables = sorted({syllable for word in words for syllable in SYLLABLE.findall(word)})
+    random.Random(0).shuffle(syllables)  # so that the most frequent made-up words do not all start with "a"
+    return sentences, syllables
 
 
-def synthetic_documents(sentences: list[str], words: list[str], size_bytes: int, seed: int):
-    """Documents of recombined sentences until `size_bytes` of UTF-8 are out; the same for the same seed."""
+def lexicon_word(rank: int, syllables: list[str]) -> str:
+    """The word of this rank in an unbounded made-up lexicon: rank written in base len(syllables), 2+ syllables."""
+    rank, parts = rank + len(syllables), []
+    while rank:
+        rank, digit = divmod(rank, len(syllables))
+        parts.append(syllables[digit])
+    return "".join(parts)
+
+
+def synthetic_documents(sentences: list[str], syllables: list[str], size_bytes: int, seed: int):
+    """Documents of recombined sentences until `size_bytes` of UTF-8 are out; the same for the same seed.
+
+    Real text keeps meeting new words (names, rare words, typos) as it grows, which is what fills a BPE trainer's
+    table; the sample alone has a few thousand. So a share of the words is replaced by words drawn from an
+    unbounded made-up lexicon with Zipf-like frequencies (rank r with probability ~ r^-1.2), which gives about
+    350,000 distinct words in 100 MB and more with every MB, and some numbers are redrawn.
+    """
     rng = random.Random(seed)
 
     def renumber(match):
         return str(rng.randrange(10 ** len(match.group())))
+
+    def rare_word(word: str) -> str:
+        rank = int(rng.random() ** (-1 / ZIPF_TAIL)) if rng.random() < NEW_WORD_SHARE else 0
+        if not rank or rank > MAX_RANK:
+            return word
+        made_up = lexicon_word(rank, syllables)
+        return made_up.capitalize() if word[:1].isupper() else made_up
 
     written = 0
     while written < size_bytes:
@@ -111,14 +145,9 @@ def synthetic_documents(sentences: list[str], words: list[str], size_bytes: int,
             parts = []
             for _ in range(rng.randint(1, 6)):
                 sentence = rng.choice(sentences)
-                if rng.random() < 0.5:
+                if rng.random() < 0.2:
                     sentence = NUMBER.sub(renumber, sentence)
-                if rng.random() < 0.5:
-                    pieces = sentence.split(" ")
-                    for _ in range(rng.randint(1, 3)):
-                        pieces[rng.randrange(len(pieces))] = rng.choice(words)
-                    sentence = " ".join(pieces)
-                parts.append(sentence)
+                parts.append(WORD.sub(lambda match: rare_word(match.group()), sentence))
             paragraphs.append(" ".join(parts))
         document = "\n\n".join(paragraphs)
         written += len(document.encode("utf-8"))
@@ -127,17 +156,17 @@ def synthetic_documents(sentences: list[str], words: list[str], size_bytes: int,
 
 def build_corpus(sample: Path, size_mb: float, seed: int, work_dir: Path) -> Path:
     """The synthetic corpus as a save_to_disk folder, built once per size and seed."""
-    folder = work_dir / f"corpus-{size_mb:g}mb-seed{seed}"
+    folder = work_dir / f"corpus-v{CORPUS_VERSION}-{size_mb:g}mb-seed{seed}"
     if (folder / "dataset_info.json").exists():
         return folder
     import datasets
 
     datasets.disable_progress_bars()
-    sentences, words = load_pieces(sample)
+    sentences, syllables = load_pieces(sample)
     generator_cache = work_dir / ".generator-cache"
 
     def rows():
-        for document in synthetic_documents(sentences, words, int(size_mb * 1e6), seed):
+        for document in synthetic_documents(sentences, syllables, int(size_mb * 1e6), seed):
             yield {"text": document}
 
     with atomic_dir(folder) as temporary:
@@ -150,15 +179,20 @@ def build_corpus(sample: Path, size_mb: float, seed: int, work_dir: Path) -> Pat
 
 
 def run_measured(command: list[str], log_path: Path) -> dict:
-    """Run `command` to completion: its wall seconds, its own peak resident memory (max RSS) and the peak of its
-    heap alone (RSS less mapped files), sampled every 20 ms where /proc exists."""
+    """Run `command` to completion: its wall seconds, and the peak resident memory of it and its child processes.
+
+    peak_rss_mib is the larger of the kernel's max RSS (of the process, or of a child it waited for, whichever was
+    largest) and the RSS summed over the process tree, sampled every 20 ms where /proc exists, so that memory held
+    by a parent and a child at the same time is counted together. peak_anon_mib is that sampled sum for the heap
+    alone (RssAnon: RSS less mapped files).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        anon_peak_kib = [None]
-        sampler = threading.Thread(target=sample_anon_memory, args=(process.pid, anon_peak_kib), daemon=True)
+        peaks = {"rss_kib": 0, "anon_kib": None}
+        sampler = threading.Thread(target=sample_tree_memory, args=(process.pid, peaks), daemon=True)
         sampler.start()
         # wait4 gives this one child's rusage; RUSAGE_CHILDREN would mix the variants' peaks together.
         _, status, usage = os.wait4(process.pid, 0)
@@ -168,21 +202,36 @@ def run_measured(command: list[str], log_path: Path) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
     rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss * rss_unit / 2**20,
-            "peak_anon_mib": None if anon_peak_kib[0] is None else anon_peak_kib[0] / 1024}
+    return {"seconds": seconds, "peak_rss_mib": max(usage.ru_maxrss * rss_unit, peaks["rss_kib"] * 1024) / 2**20,
+            "peak_anon_mib": None if peaks["anon_kib"] is None else peaks["anon_kib"] / 1024}
 
 
-def sample_anon_memory(pid: int, peak_kib: list) -> None:
-    """Keep in peak_kib[0] the largest RssAnon of `pid` seen until the process is gone."""
-    status_file = Path(f"/proc/{pid}/status")
+def sample_tree_memory(pid: int, peaks: dict) -> None:
+    """Keep in `peaks` the largest VmRSS and RssAnon (KiB) summed over `pid` and its descendants, until it ends."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return
     while True:
         try:
-            fields = dict(line.split(":", 1) for line in status_file.read_text().splitlines() if ":" in line)
-            if "RssAnon" not in fields:  # a zombie waiting to be reaped: its memory is already gone
-                return
-            peak_kib[0] = max(peak_kib[0] or 0, int(fields["RssAnon"].split()[0]))
-        except (OSError, ValueError):
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
             return
+        rss = anon = 0
+        for member in tree:
+            try:
+                fields = dict(line.split(":", 1) for line in
+                              Path(f"/proc/{member.pid}/status").read_text().splitlines() if ":" in line)
+            except (OSError, ValueError):
+                continue
+            if member.pid == pid and "RssAnon" not in fields:  # a zombie waiting to be reaped: its memory is gone
+                return
+            rss += int(fields.get("VmRSS", "0 kB").split()[0])
+            anon += int(fields.get("RssAnon", "0 kB").split()[0])
+        peaks["rss_kib"] = max(peaks["rss_kib"], rss)
+        peaks["anon_kib"] = max(peaks["anon_kib"] or 0, anon)
         time.sleep(0.02)
 
 

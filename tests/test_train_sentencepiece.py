@@ -181,6 +181,26 @@ def test_unreachable_reference_falls_back_and_the_token_stays_secret(tmp_path, s
         assert secret not in text and env_secret not in text
 
 
+def test_corpus_is_located_by_a_child_that_gets_the_token_in_its_environment(tmp_path, script, monkeypatch):
+    import argparse
+
+    args = argparse.Namespace(dataset_name="org/data", dataset_split="train", text_column="text",
+                              hub_token="hf_SecretForTheChildOnly789")
+    # A stand-in child that answers with what it was given.
+    monkeypatch.setattr(script, "CORPUS_CHILD", (
+        "import json, os, sys; from pathlib import Path; request = json.loads(Path(sys.argv[2]).read_text()); "
+        "Path(request['scratch'], 'answer.json').write_text(json.dumps({'files': [], 'num_rows': 7, "
+        "'token': os.environ.get('HF_TOKEN'), 'argv': sys.argv}))"))
+    answer = script.locate_corpus(args, tmp_path)
+    assert answer["num_rows"] == 7 and answer["token"] == args.hub_token
+    assert not any(args.hub_token in argument for argument in answer["argv"])
+    assert args.hub_token not in (tmp_path / "request.json").read_text()
+    (tmp_path / "answer.json").unlink()
+    monkeypatch.setattr(script, "CORPUS_CHILD", "import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match="reading dataset 'org/data' failed \\(exit status 3\\)"):
+        script.locate_corpus(args, tmp_path)
+
+
 def test_local_reference_settings_are_copied(tmp_path, sample_tokenizer):
     reference = llama_reference(tmp_path, sample_tokenizer, post_processor={
         "type": "TemplateProcessing",
@@ -242,42 +262,51 @@ def test_reachable_hub_reference_is_read_and_a_failed_download_falls_back(tmp_pa
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
-def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, script):
-    """A .txt with blank lines is read through datasets' index mapping, JSON lines by plain Arrow reads."""
-    from common import load_text_dataset
+def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, monkeypatch):
+    """A .txt with blank lines is rewritten without them to a scratch file, JSON lines are read in place."""
+    import common
 
     documents = [" ".join(text.split()) for text in read_sample_texts()]
     text_file = tmp_path / "sample.txt"
     text_file.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
     jsonl = write_jsonl(tmp_path / "sample.jsonl", [{"text": d} for d in documents])
-    assert script.plain_arrow_files(load_text_dataset(str(text_file)), "text") is None
-    assert script.plain_arrow_files(load_text_dataset(str(jsonl)), "text")
+    for source, rewritten in [(text_file, True), (jsonl, False)]:
+        scratch = tmp_path / f"scratch-{source.suffix[1:]}"
+        scratch.mkdir()
+        corpus = common.text_corpus_files(str(source), "train", "text", None, str(scratch))
+        assert corpus["num_rows"] == len(documents)
+        assert (corpus["files"] == [str(scratch / "corpus.arrow")]) == rewritten
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
     for name, source in [("from-txt", text_file), ("from-jsonl", jsonl)]:
-        result = train(tmp_path, dataset=source, output=name)
+        result = train(tmp_path, dataset=source, output=name, env={"TMPDIR": str(scratch_parent)})
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "from-txt" / "tokenizer.json").read_bytes() == \
         (tmp_path / "from-jsonl" / "tokenizer.json").read_bytes()
+    assert not list(scratch_parent.iterdir())  # the scratch folder, with the rewritten corpus, is gone
 
 
-def test_plain_reads_match_the_memory_map_and_are_refused_when_rows_differ(tmp_path, script):
+def test_plain_reads_give_the_rows_and_are_refused_when_rows_differ(tmp_path, script):
     import types
 
     import datasets
     import numpy as np
+    from common import plain_arrow_files, text_corpus_files
 
     texts = read_sample_texts()
     datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "d"))
     dataset = datasets.load_from_disk(str(tmp_path / "d"))
-    files = script.plain_arrow_files(dataset, "text")
+    files = plain_arrow_files(dataset, "text")
     positions = np.array([0, 1, 5, 77, len(texts) - 1])
     assert [t for b in script.read_arrow_files(files, "text", positions) for t in b] == [texts[i] for i in positions]
-    assert [t for b in script.read_mapped(dataset, "text", positions) for t in b] == [texts[i] for i in positions]
-    assert script.plain_arrow_files(dataset.select(range(5)), "text") is None  # a slice of the file
-    assert script.plain_arrow_files(dataset.filter(lambda row: True), "text") is None  # an indices file
+    assert plain_arrow_files(dataset.select(range(5)), "text") is None  # a slice of the file
+    assert plain_arrow_files(dataset.filter(lambda row: True), "text") is None  # an indices file
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     junk = types.SimpleNamespace(num_rows=1, data=types.SimpleNamespace(num_rows=1),
                                  cache_files=[{"filename": str(tmp_path / "junk.arrow")}])
-    assert script.plain_arrow_files(junk, "text") is None
+    assert plain_arrow_files(junk, "text") is None
+    corpus = text_corpus_files(str(tmp_path / "d"), "train", "text", None, str(tmp_path))
+    assert corpus == {"files": files, "num_rows": len(texts)}
 
 
 def test_save_to_disk_folder_with_other_columns(tmp_path, sample_tokenizer):
