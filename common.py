@@ -89,6 +89,10 @@ def load_text_dataset(name: str, split: str = "train", text_column: str = "text"
     if text_column not in dataset.column_names:
         raise InputError(f"dataset '{name}' has no column '{text_column}' (columns: "
                          f"{', '.join(dataset.column_names) or 'none'}); pass {text_column_flag} with one of them")
+    dtype = getattr(dataset.features[text_column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise InputError(f"column '{text_column}' of '{name}' holds {dtype or 'non-text'} values, not text; pass "
+                         f"{text_column_flag} with the column of documents")
     dataset = dataset.select_columns([text_column])
     if dataset.num_rows == 0:
         raise InputError(f"dataset '{name}' is empty; give a dataset with at least one document")
@@ -125,55 +129,66 @@ def _load_local(path: Path, split: str):
     return dataset
 
 
-def plain_arrow_files(dataset, column: str) -> list[str] | None:
-    """The dataset's Arrow files when reading them front to back gives exactly its rows, else None.
+def arrow_data_files(dataset, column: str) -> list[str] | None:
+    """The Arrow files under the dataset (below any indices mapping) when reading them front to back gives exactly
+    the rows of its table, else None.
 
     Reading through datasets' memory map leaves every page touched resident in the reading process, so a pass over
     the corpus would grow resident memory by the corpus size; plain reads of one record batch at a time do not.
     """
     import pyarrow as pa
 
-    if dataset.num_rows != dataset.data.num_rows:  # an indices mapping, e.g. blank lines of a .txt filtered out
-        return None
-    files, rows = [entry["filename"] for entry in dataset.cache_files], 0
+    files, rows = [], 0
     try:
-        for path in files:
+        for entry in dataset.cache_files:
             # Mapped only to count rows: that reads batch headers, not the text, and the map is closed right after.
-            with pa.memory_map(path) as source:
+            with pa.memory_map(entry["filename"]) as source:
                 reader = pa.ipc.open_stream(source)
-                if column not in reader.schema.names:  # an indices file: rows are not in file order
-                    return None
+                if column not in reader.schema.names:  # the indices file of a mapping
+                    continue
+                files.append(entry["filename"])
                 rows += sum(batch.num_rows for batch in reader)
     except (OSError, pa.ArrowInvalid):
         return None
-    return files if files and rows == dataset.num_rows else None
+    return files if files and rows == dataset.data.num_rows else None
 
 
-def text_corpus_files(name: str, split: str, text_column: str, token: str | None, scratch: str) -> dict:
-    """Load a text dataset as load_text_dataset does; Arrow stream files whose rows, in order, are its rows.
-
-    These are the dataset's own files in the usual case; otherwise (a .txt whose blank lines were filtered out, a
-    slice, a dataset held in memory) its text column is first written to one file in `scratch`.
+def corpus_files(dataset, column: str, scratch: str) -> dict:
+    """Where to read the dataset's documents with plain Arrow reads: {"files", "num_rows"} and, when the documents
+    are some of the files' rows (the blank lines of a .txt filtered out), "rows": a .npy in `scratch` of their row
+    numbers, in increasing order. A dataset that is neither (held in memory, a slice, rows out of order) has its
+    text column written to `scratch` first.
     """
+    import numpy as np
     import pyarrow as pa
 
-    dataset = load_text_dataset(name, split, text_column, token)
-    files = plain_arrow_files(dataset, text_column)
-    if files is None:
-        files = [str(Path(scratch) / "corpus.arrow")]
-        schema = pa.schema([pa.field(text_column, pa.large_string())])
-        with pa.OSFile(files[0], "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for batch in dataset.with_format("arrow").iter(batch_size=10_000):
-                writer.write_table(batch.select([text_column]).cast(schema))
-    return {"files": files, "num_rows": dataset.num_rows}
+    files = arrow_data_files(dataset, column)
+    indices = getattr(dataset, "_indices", None)  # datasets' mapping from the dataset's rows to its table's
+    if files and indices is None and dataset.num_rows == dataset.data.num_rows:
+        return {"files": files, "num_rows": dataset.num_rows}
+    if files and indices is not None:
+        rows = np.concatenate([chunk.to_numpy() for chunk in indices.column(0).chunks]).astype(np.int64)
+        if len(rows) and np.all(np.diff(rows) > 0):
+            np.save(Path(scratch) / "rows.npy", rows)
+            return {"files": files, "num_rows": len(rows), "rows": str(Path(scratch) / "rows.npy")}
+    copy = str(Path(scratch) / "corpus.arrow")
+    schema = pa.schema([pa.field(column, pa.large_string())])
+    with pa.OSFile(copy, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+            writer.write_table(batch.select([column]).cast(schema).combine_chunks(), max_chunksize=1000)
+    return {"files": [copy], "num_rows": dataset.num_rows}
 
 
 def text_corpus_child(request_file: str) -> None:
-    """Entry point of the process that text_corpus_files runs in; the request and answer are JSON files."""
+    """Entry point of the process that loads a text dataset for another: corpus_files of load_text_dataset.
+
+    The request and the answer are JSON files in the scratch folder; the token comes from HF_TOKEN.
+    """
     request = json.loads(Path(request_file).read_text(encoding="utf-8"))
     try:
-        answer = text_corpus_files(request["name"], request["split"], request["text_column"],
-                                   os.environ.get("HF_TOKEN") or None, request["scratch"])
+        dataset = load_text_dataset(request["name"], request["split"], request["text_column"],
+                                    os.environ.get("HF_TOKEN") or None)
+        answer = corpus_files(dataset, request["text_column"], request["scratch"])
     except InputError as error:
         answer = {"error": str(error)}
     (Path(request["scratch"]) / "answer.json").write_text(json.dumps(answer), encoding="utf-8")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,8 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 1
 MAX_ALPHABET = 1000
 BATCH_DOCUMENTS = 1000
 HELD_OUT_DOCUMENTS = 1000
-CORPUS_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from common import text_corpus_child; " \
+# sys.path[0] is the working directory under -c: replaced, so a json.py lying there cannot shadow a real module.
+CORPUS_CHILD = "import sys; sys.path[0] = sys.argv[1]; from common import text_corpus_child; " \
                "text_corpus_child(sys.argv[2])"
 # Cuts the normalized text into pieces and never changes it: words (with the run of "▁" before them, as
 # sentencepiece keeps it), single digits (Llama 2 splits every number into digits), and runs of "▁" or of other
@@ -100,7 +102,8 @@ def main(argv=None):
                   f"{args.num_samples}; training on {len(train_positions)} of them{held_out}")
         totals = {"documents": 0, "characters": 0}
         training_started = time.perf_counter()
-        tokenizer = train(settings, training_batches(files, args.text_column, train_positions, totals),
+        tokenizer = train(settings, training_batches(files, args.text_column, file_rows(corpus, train_positions),
+                                                     totals),
                           args.vocab_size, show_progress=sys.stderr.isatty())
         training_seconds = time.perf_counter() - training_started
         if totals["characters"] == 0:
@@ -108,7 +111,8 @@ def main(argv=None):
                              f"that are not empty")
         check_round_trip(tokenizer, settings)
         evaluated_on = held_out_positions if len(held_out_positions) else train_positions[:HELD_OUT_DOCUMENTS]
-        measured_texts = [text or "" for batch in read_arrow_files(files, args.text_column, evaluated_on)
+        measured_texts = [text or "" for batch in read_arrow_files(files, args.text_column,
+                                                                   file_rows(corpus, evaluated_on))
                           for text in batch]
     report = {
         "dataset_name": args.dataset_name, "dataset_split": args.dataset_split, "text_column": args.text_column,
@@ -144,9 +148,18 @@ def locate_corpus(args, scratch: Path) -> dict:
     if "error" in answer:
         raise InputError(answer["error"])
     if child.returncode != 0 or "files" not in answer:
-        raise RuntimeError(f"reading dataset '{args.dataset_name}' failed (exit status {child.returncode}); "
-                           f"its messages are above")
+        how = f"killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0 else \
+            f"exit status {child.returncode}"
+        raise SystemExit(f"error: reading dataset '{args.dataset_name}' failed ({how}); see the messages above")
     return answer
+
+
+def file_rows(corpus: dict, positions):
+    """The rows of the corpus files that hold the documents at sorted `positions` (the same rows, unless the
+    documents are a subset of the rows)."""
+    import numpy as np
+
+    return np.load(corpus["rows"], mmap_mode="r")[positions] if "rows" in corpus else positions
 
 
 def llama2_settings() -> dict:

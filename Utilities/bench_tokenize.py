@@ -98,7 +98,7 @@ def ratios(results: dict) -> dict:
 
 def train_tokenizer(folder: Path, vocab_size: int) -> str:
     command = [sys.executable, str(REPO / "train-sentencepiece.py"), "--dataset_name", str(SAMPLE),
-               "--vocab_size", str(vocab_size), "--output_dir", str(folder)]
+               "--vocab_size", str(vocab_size), "--output_dir", str(folder), "--overwrite"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"training the benchmark's tokenizer failed:\n{result.stderr[-2000:]}")

@@ -132,7 +132,7 @@ def synthetic_documents(sentences: list[str], syllables: list[str], size_bytes: 
         return str(rng.randrange(10 ** len(match.group())))
 
     def rare_word(word: str) -> str:
-        rank = int(rng.random() ** (-1 / ZIPF_TAIL)) if rng.random() < NEW_WORD_SHARE else 0
+        rank = int((rng.random() or 1.0) ** (-1 / ZIPF_TAIL)) if rng.random() < NEW_WORD_SHARE else 0
         if not rank or rank > MAX_RANK:
             return word
         made_up = lexicon_word(rank, syllables)
@@ -219,7 +219,7 @@ def sample_tree_memory(pid: int, peaks: dict) -> None:
             tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        rss = anon = 0
+        rss = anon = read = 0
         for member in tree:
             try:
                 fields = dict(line.split(":", 1) for line in
@@ -230,8 +230,10 @@ def sample_tree_memory(pid: int, peaks: dict) -> None:
                 return
             rss += int(fields.get("VmRSS", "0 kB").split()[0])
             anon += int(fields.get("RssAnon", "0 kB").split()[0])
-        peaks["rss_kib"] = max(peaks["rss_kib"], rss)
-        peaks["anon_kib"] = max(peaks["anon_kib"] or 0, anon)
+            read += 1
+        if read:  # without /proc (macOS) only the kernel's max RSS is known
+            peaks["rss_kib"] = max(peaks["rss_kib"], rss)
+            peaks["anon_kib"] = max(peaks["anon_kib"] or 0, anon)
         time.sleep(0.02)
 
 

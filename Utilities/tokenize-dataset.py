@@ -38,6 +38,7 @@ from common import InputError, atomic_dir, hub_reachable, load_text_dataset, loo
 from manifest import BOS_EOS_POLICY, MANIFEST_NAME, read_manifest, write_manifest  # noqa: E402
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+GENERIC_CLASS = "PreTrainedTokenizerFast"
 # Text per encode call: large enough for the tokenizer's threads to stay busy, small enough that the
 # in-flight batches (their Encoding objects cost ~100 bytes per token) stay far below a gigabyte.
 BATCH_BYTES = 1 << 20
@@ -106,7 +107,6 @@ def main(argv=None) -> None:
     tokenizer, tokenizer_record = load_tokenizer(args.tokenizer_name, token)
     dataset = load_text_dataset(args.dataset_name, args.dataset_split, args.text_column, token=token,
                                 text_column_flag="--text-column")
-    check_text_column(dataset, args)
     plan = plan_documents(document_bytes(dataset), args)
     request = describe_request(args, tokenizer, tokenizer_record, plan)
     output_dir = Path(args.output_dir)
@@ -158,9 +158,10 @@ class PackingTokenizer:
 def load_tokenizer(name: str, token: str | None) -> tuple[PackingTokenizer, dict]:
     """The tokenizer, and what the manifest records about it (path, sha256 of tokenizer.json, vocabulary size).
 
-    Read with the `tokenizers` library alone: transformers (and torch behind it) would add seconds of start-up
-    to every run for nothing, since packing encodes with tokenizer.json exactly as the file defines it and takes
-    the BOS/EOS tokens from the folder's configs.
+    A folder whose config names the generic PreTrainedTokenizerFast (train-sentencepiece.py writes those) is read
+    with the `tokenizers` library alone, as transformers would use it: importing transformers, and torch behind it,
+    would add seconds to every run. Any other class goes through transformers, which rebuilds some tokenizers
+    (Llama's among them) with a pipeline of its own: the ids must be the ones pre-training and inference will see.
     """
     folder = Path(name).expanduser()
     local = folder.exists()
@@ -173,27 +174,49 @@ def load_tokenizer(name: str, token: str | None) -> tuple[PackingTokenizer, dict
     if not (folder / "tokenizer.json").is_file():
         raise InputError(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json; give a folder written "
                          f"by train-sentencepiece.py")
+    config = read_json_config(folder / "tokenizer_config.json", name)
+    if config.get("tokenizer_class", GENERIC_CLASS) == GENERIC_CLASS:
+        tokenizer = read_generic_tokenizer(folder, name, config)
+    else:
+        tokenizer = read_with_transformers(folder, name)
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise InputError(f"tokenizer '{name}' lacks a BOS or EOS token, which separate the packed documents; "
+                         f"give a tokenizer that defines both")
+    return tokenizer, {"path": str(folder.resolve()) if local else name,
+                       "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
+                       "vocab_size": tokenizer.vocab_size}
+
+
+def read_generic_tokenizer(folder: Path, name: str, config: dict) -> PackingTokenizer:
     tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8", errors="replace")
     try:
         backend = text_backend(tokenizer_json)
     except Exception as error:  # the Rust parser's message names the offending field
         raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
                          f"by train-sentencepiece.py") from None
-    special = special_tokens(folder, name)
+    special = special_tokens(folder, name, config)
     ids = {role: backend.token_to_id(special[role]) if special.get(role) else None for role in ("bos", "eos")}
-    if ids["bos"] is None or ids["eos"] is None:
-        raise InputError(f"tokenizer '{name}' lacks a BOS or EOS token, which separate the packed documents; "
-                         f"give a tokenizer that defines both")
-    tokenizer = PackingTokenizer(backend, ids["bos"], ids["eos"], backend.get_vocab_size(with_added_tokens=True))
-    return tokenizer, {"path": str(folder.resolve()) if local else name,
-                       "tokenizer_json_sha256": sha256_file(folder / "tokenizer.json"),
-                       "vocab_size": tokenizer.vocab_size}
+    return PackingTokenizer(backend, ids["bos"], ids["eos"], backend.get_vocab_size(with_added_tokens=True))
 
 
-def special_tokens(folder: Path, name: str) -> dict[str, str]:
+def read_with_transformers(folder: Path, name: str) -> PackingTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # transformers raises many kinds for a folder that is not a tokenizer
+        raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
+                         f"by train-sentencepiece.py") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise InputError(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json; give a folder written "
+                         f"by train-sentencepiece.py")
+    return PackingTokenizer(text_backend(tokenizer.backend_tokenizer.to_str()), tokenizer.bos_token_id,
+                            tokenizer.eos_token_id, len(tokenizer))
+
+
+def special_tokens(folder: Path, name: str, config: dict) -> dict[str, str]:
     """The BOS and EOS token strings, as transformers 5 finds them: in tokenizer_config.json, overridden by the
     legacy special_tokens_map.json unless the config lists its added tokens itself."""
-    config = read_json_config(folder / "tokenizer_config.json", name)
     sources = [config]
     if "added_tokens_decoder" not in config:
         sources.append(read_json_config(folder / "special_tokens_map.json", name))
@@ -213,7 +236,7 @@ def read_json_config(path: Path, name: str) -> dict:
         return {}
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise InputError(f"could not load a tokenizer from '{name}' ({path.name}: {_first_line(error)}); give a "
                          f"folder written by train-sentencepiece.py") from None
     return values if isinstance(values, dict) else {}
@@ -228,13 +251,6 @@ def download_tokenizer(name: str, token: str | None) -> Path:
     except Exception as error:  # unknown repo, gated, no permission
         raise InputError(f"could not download tokenizer '{name}' from the Hub ({_first_line(error)}); "
                          f"check the name, or pass a local folder") from None
-
-
-def check_text_column(dataset, args) -> None:
-    dtype = getattr(dataset.features[args.text_column], "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise InputError(f"column '{args.text_column}' of '{args.dataset_name}' holds {dtype or 'non-text'} values, "
-                         f"not text; pass --text-column with the column of documents")
 
 
 def document_bytes(dataset) -> np.ndarray:

@@ -381,6 +381,32 @@ def test_tokenizer_is_read_without_transformers_as_transformers_reads_it(tmp_pat
         tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def test_other_tokenizer_classes_pack_the_ids_transformers_gives(tmp_path, sample_tokenizer, monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama-class"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((Path(sample_tokenizer) / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    reference = AutoTokenizer.from_pretrained(folder)
+    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    assert (packing.bos_token_id, packing.eos_token_id, packing.vocab_size) == \
+        (reference.bos_token_id, reference.eos_token_id, len(reference)) == (1, 2, record["vocab_size"])
+    text = "  dois espaços no início, e   três no meio\n"
+    packed = packing.backend.encode(text, add_special_tokens=False).ids
+    assert packed == reference.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    from tokenizers import Tokenizer  # transformers rebuilds a Llama-class pipeline: tokenizer.json alone differs
+
+    assert packed != Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    (folder / "tokenizer.json").write_text("not json")
+    with pytest.raises(InputError, match="could not load a tokenizer"):
+        tokenize_dataset.load_tokenizer(str(folder), None)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: object())  # a slow tokenizer
+    with pytest.raises(InputError, match="not a fast tokenizer"):
+        tokenize_dataset.load_tokenizer(str(folder), None)
+
+
 def test_tokenizer_file_or_broken_config_is_refused(tmp_path, sample_tokenizer):
     out = tmp_path / "out"
     tokenizer_file = Path(sample_tokenizer) / "tokenizer.json"

@@ -196,9 +196,24 @@ def test_corpus_is_located_by_a_child_that_gets_the_token_in_its_environment(tmp
     assert not any(args.hub_token in argument for argument in answer["argv"])
     assert args.hub_token not in (tmp_path / "request.json").read_text()
     (tmp_path / "answer.json").unlink()
-    monkeypatch.setattr(script, "CORPUS_CHILD", "import sys; sys.exit(3)")
-    with pytest.raises(RuntimeError, match="reading dataset 'org/data' failed \\(exit status 3\\)"):
+    monkeypatch.setattr(script, "CORPUS_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(SystemExit, match="error: reading dataset 'org/data' failed \\(killed by SIGKILL\\)"):
         script.locate_corpus(args, tmp_path)
+
+
+def test_a_dataset_that_fails_to_load_gives_one_error_line_after_its_traceback(tmp_path):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    (folder / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"not arrow at all")
+    (tmp_path / "json.py").write_text("raise SystemExit('a json.py in the working directory was imported')")
+    result = run_script(SCRIPT, "--dataset_name", folder, "--vocab_size", TEST_VOCAB_SIZE, "--output_dir",
+                        tmp_path / "tok", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: reading dataset '{folder}' failed (exit status 1); see the messages above"
+    assert "json.py in the working directory" not in result.stderr and not (tmp_path / "tok").exists()
 
 
 def test_local_reference_settings_are_copied(tmp_path, sample_tokenizer):
@@ -262,20 +277,22 @@ def test_reachable_hub_reference_is_read_and_a_failed_download_falls_back(tmp_pa
 
 # --- inputs -------------------------------------------------------------------------------------------------------
 
-def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, monkeypatch):
-    """A .txt with blank lines is rewritten without them to a scratch file, JSON lines are read in place."""
+def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path):
+    """A .txt with blank lines is read in place through the row numbers of its other lines, JSON lines as they are."""
     import common
+    import numpy as np
 
     documents = [" ".join(text.split()) for text in read_sample_texts()]
     text_file = tmp_path / "sample.txt"
     text_file.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
     jsonl = write_jsonl(tmp_path / "sample.jsonl", [{"text": d} for d in documents])
-    for source, rewritten in [(text_file, True), (jsonl, False)]:
-        scratch = tmp_path / f"scratch-{source.suffix[1:]}"
-        scratch.mkdir()
-        corpus = common.text_corpus_files(str(source), "train", "text", None, str(scratch))
-        assert corpus["num_rows"] == len(documents)
-        assert (corpus["files"] == [str(scratch / "corpus.arrow")]) == rewritten
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    corpus = common.corpus_files(common.load_text_dataset(str(text_file)), "text", str(scratch))
+    assert corpus["num_rows"] == len(documents) and "corpus.arrow" not in str(corpus["files"])
+    assert np.load(corpus["rows"]).tolist() == list(range(0, 2 * len(documents), 2))  # every other line
+    corpus = common.corpus_files(common.load_text_dataset(str(jsonl)), "text", str(scratch))
+    assert corpus["num_rows"] == len(documents) and "rows" not in corpus
     scratch_parent = tmp_path / "tmp"
     scratch_parent.mkdir()
     for name, source in [("from-txt", text_file), ("from-jsonl", jsonl)]:
@@ -283,30 +300,49 @@ def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path, monkeypatch):
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "from-txt" / "tokenizer.json").read_bytes() == \
         (tmp_path / "from-jsonl" / "tokenizer.json").read_bytes()
-    assert not list(scratch_parent.iterdir())  # the scratch folder, with the rewritten corpus, is gone
+    assert not list(scratch_parent.iterdir())  # the scratch folder is gone
 
 
-def test_plain_reads_give_the_rows_and_are_refused_when_rows_differ(tmp_path, script):
+def test_corpus_files_read_in_place_or_copy_and_give_the_rows(tmp_path, script):
     import types
 
     import datasets
     import numpy as np
-    from common import plain_arrow_files, text_corpus_files
+    import pyarrow as pa
+    from common import arrow_data_files, corpus_files
 
     texts = read_sample_texts()
     datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "d"))
     dataset = datasets.load_from_disk(str(tmp_path / "d"))
-    files = plain_arrow_files(dataset, "text")
-    positions = np.array([0, 1, 5, 77, len(texts) - 1])
-    assert [t for b in script.read_arrow_files(files, "text", positions) for t in b] == [texts[i] for i in positions]
-    assert plain_arrow_files(dataset.select(range(5)), "text") is None  # a slice of the file
-    assert plain_arrow_files(dataset.filter(lambda row: True), "text") is None  # an indices file
+
+    def documents(corpus, positions):
+        rows = script.file_rows(corpus, np.array(positions))
+        return [t for b in script.read_arrow_files(corpus["files"], "text", rows) for t in b]
+
+    in_place = corpus_files(dataset, "text", str(tmp_path))
+    assert in_place == {"files": arrow_data_files(dataset, "text"), "num_rows": len(texts)}
+    assert documents(in_place, [0, 1, 5, 77, len(texts) - 1]) == [texts[i] for i in [0, 1, 5, 77, len(texts) - 1]]
+    kept = dataset.filter(lambda row: row["n"] % 3 == 0)
+    mapped = corpus_files(kept, "text", str(tmp_path))
+    assert mapped["files"] == in_place["files"] and mapped["num_rows"] == len(kept)
+    assert documents(mapped, [0, 2, len(kept) - 1]) == [texts[0], texts[6], kept[-1]["text"]]
+    # Held in memory, a slice of its file, rows out of order: copied to the scratch folder, 1,000 rows a batch.
+    many = [f"documento {i}" for i in range(2500)]
+    (tmp_path / "copy").mkdir()
+    for other, expected in [(datasets.Dataset.from_dict({"text": many}), many), (dataset.select(range(5)), texts[:5]),
+                            (dataset.select([3, 1, 2]), [texts[i] for i in (3, 1, 2)])]:
+        corpus = corpus_files(other, "text", str(tmp_path / "copy"))
+        assert corpus == {"files": [str(tmp_path / "copy" / "corpus.arrow")], "num_rows": len(expected)}
+        assert documents(corpus, list(range(len(expected)))) == expected
+    with pa.OSFile(str(tmp_path / "copy" / "corpus.arrow")) as source:
+        assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [3]
+    copied = corpus_files(datasets.Dataset.from_dict({"text": many}), "text", str(tmp_path / "copy"))["files"][0]
+    with pa.OSFile(copied) as source:
+        assert [batch.num_rows for batch in pa.ipc.open_stream(source)] == [1000, 1000, 500]
     (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
     junk = types.SimpleNamespace(num_rows=1, data=types.SimpleNamespace(num_rows=1),
                                  cache_files=[{"filename": str(tmp_path / "junk.arrow")}])
-    assert plain_arrow_files(junk, "text") is None
-    corpus = text_corpus_files(str(tmp_path / "d"), "train", "text", None, str(tmp_path))
-    assert corpus == {"files": files, "num_rows": len(texts)}
+    assert arrow_data_files(junk, "text") is None
 
 
 def test_save_to_disk_folder_with_other_columns(tmp_path, sample_tokenizer):
@@ -357,11 +393,14 @@ def bad_input_cases(tmp_path):
                            "has no column 'text' (columns: body)"),
         "only empty texts": (["--dataset_name", write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 3)],
                              "holds no text"),
+        "numbers, not text": (["--dataset_name", write_jsonl(tmp_path / "numbers.jsonl", [{"text": 5}] * 3)],
+                              "holds int64 values, not text; pass --text_column"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty file", "vocabulary too small", "no samples",
-                                  "unreachable hub dataset", "missing column", "only empty texts"])
+                                  "unreachable hub dataset", "missing column", "only empty texts",
+                                  "numbers, not text"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     extra, message = bad_input_cases(tmp_path)[case]
     before = set(tmp_path.iterdir())
@@ -417,6 +456,36 @@ def test_benchmark_helpers(bench, tmp_path):
         bench.load_pieces(tmp_path / "missing.jsonl")
     result = run_script("Utilities/benchmark.py", "tokenizer", "--size-mb", 0, "--work-dir", tmp_path)
     assert result.returncode == 2 and "--size-mb must be positive" in result.stderr
+
+
+def test_tree_memory_sums_a_parent_and_its_child_and_reports_nothing_without_proc(bench, monkeypatch):
+    import threading
+
+    def sample(command, path_class=None):
+        process = subprocess.Popen(command)
+        peaks = {"rss_kib": 0, "anon_kib": None}
+        if path_class:
+            monkeypatch.setattr(bench, "Path", path_class)
+        sampler = threading.Thread(target=bench.sample_tree_memory, args=(process.pid, peaks), daemon=True)
+        sampler.start()
+        process.wait()
+        sampler.join(timeout=10)
+        monkeypatch.undo()
+        assert not sampler.is_alive()
+        return peaks
+
+    # A parent holding ~60 MB while its child holds ~120 MB: the sum is what the machine had to give.
+    child = "import time; b = bytearray(120 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    parent = (f"import subprocess, sys, time; a = bytearray(60 << 20); a[::4096] = b'x' * len(a[::4096]); "
+              f"subprocess.run([sys.executable, '-c', {child!r}])")
+    peaks = sample([sys.executable, "-c", parent])
+    assert peaks["rss_kib"] > 180 << 10 and peaks["anon_kib"] > 180 << 10
+
+    class NoProc(type(bench.Path())):
+        def read_text(self, *args, **kwargs):
+            raise OSError("no /proc here")
+
+    assert sample([sys.executable, "-c", "import time; time.sleep(0.3)"], NoProc) == {"rss_kib": 0, "anon_kib": None}
 
 
 def test_benchmark_runs_both_variants(tmp_path):
