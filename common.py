@@ -164,10 +164,10 @@ def corpus_files(dataset, column: str, scratch: str) -> dict:
 
     files = arrow_data_files(dataset, column)
     indices = getattr(dataset, "_indices", None)  # datasets' mapping from the dataset's rows to its table's
-    if files and indices is None and dataset.num_rows == dataset.data.num_rows:
+    if files and indices is None:
         return {"files": files, "num_rows": dataset.num_rows}
-    if files and indices is not None:
-        rows = np.concatenate([chunk.to_numpy() for chunk in indices.column(0).chunks]).astype(np.int64)
+    if files:
+        rows = indices.column(0).to_numpy().astype(np.int64)
         if len(rows) and np.all(np.diff(rows) > 0):
             np.save(Path(scratch) / "rows.npy", rows)
             return {"files": files, "num_rows": len(rows), "rows": str(Path(scratch) / "rows.npy")}

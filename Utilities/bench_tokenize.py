@@ -5,7 +5,7 @@
 
 On one synthesized corpus (the committed sample's sentences recombined into documents, deterministically, until
 the file reaches --corpus-mb), each variant runs in its own subprocess, timed from start to exit, with the peak
-RSS of that process and its children sampled every 50 ms (and the peak of its anonymous part, RSS less the
+RSS of that process and its children sampled every 20 ms (and the peak of its anonymous part, RSS less the
 pages of mapped files, which the kernel can take back at any time):
   original  the original script's approach: datasets.map(tokenizer), its Python group_texts, train_test_split,
             written to parquet;
@@ -159,27 +159,26 @@ def measure_variant(variant: str, corpus: Path, tokenizer: str, work: Path, args
 
 
 def run_measured(command: list[str], env: dict) -> dict:
-    """Run `command`; its wall time, exit status, output and the peak RSS summed over it and its children."""
-    import psutil
+    """Run `command`; its wall time, exit status, output and the peak RSS summed over it and its children (with
+    the peak of their anonymous part: RSS less the pages of mapped files such as the Arrow cache, which the kernel
+    can drop)."""
+    import threading
+
+    from bench_tokenizer import sample_tree_memory
 
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=REPO, text=True)
-        watched, peak, peak_anonymous = psutil.Process(process.pid), 0, 0
-        while process.poll() is None:
-            try:
-                memory = [p.memory_info() for p in (watched, *watched.children(recursive=True))]
-                peak = max(peak, sum(m.rss for m in memory))
-                # RSS also counts pages of memory-mapped files (the Arrow cache), which the kernel can drop.
-                peak_anonymous = max(peak_anonymous, sum(m.rss - m.shared for m in memory))
-            except psutil.Error:  # a child ended between listing and reading
-                pass
-            time.sleep(0.05)
+        peaks = {"rss_kib": 0, "anon_kib": None}
+        sampler = threading.Thread(target=sample_tree_memory, args=(process.pid, peaks), daemon=True)
+        sampler.start()
+        process.wait()
         seconds = time.perf_counter() - started
+        sampler.join()
         stdout.seek(0)
         stderr.seek(0)
-        return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": peak,
-                "peak_anonymous_bytes": peak_anonymous,
+        return {"returncode": process.returncode, "seconds": seconds, "peak_rss_bytes": peaks["rss_kib"] * 1024,
+                "peak_anonymous_bytes": (peaks["anon_kib"] or 0) * 1024,
                 "stdout": stdout.read(), "stderr": stderr.read()}
 
 

@@ -172,8 +172,7 @@ def load_tokenizer(name: str, token: str | None) -> tuple[PackingTokenizer, dict
     if not folder.is_dir():
         raise InputError(f"tokenizer '{name}' is a file; give the folder that holds its tokenizer.json")
     if not (folder / "tokenizer.json").is_file():
-        raise InputError(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json; give a folder written "
-                         f"by train-sentencepiece.py")
+        raise unusable_tokenizer(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json")
     config = read_json_config(folder / "tokenizer_config.json", name)
     if config.get("tokenizer_class", GENERIC_CLASS) == GENERIC_CLASS:
         tokenizer = read_generic_tokenizer(folder, name, config)
@@ -192,8 +191,7 @@ def read_generic_tokenizer(folder: Path, name: str, config: dict) -> PackingToke
     try:
         backend = text_backend(tokenizer_json)
     except Exception as error:  # the Rust parser's message names the offending field
-        raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
-                         f"by train-sentencepiece.py") from None
+        raise unusable_tokenizer(f"could not load a tokenizer from '{name}' ({_first_line(error)})") from None
     special = special_tokens(folder, name, config)
     ids = {role: backend.token_to_id(special[role]) if special.get(role) else None for role in ("bos", "eos")}
     return PackingTokenizer(backend, ids["bos"], ids["eos"], backend.get_vocab_size(with_added_tokens=True))
@@ -205,11 +203,9 @@ def read_with_transformers(folder: Path, name: str) -> PackingTokenizer:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many kinds for a folder that is not a tokenizer
-        raise InputError(f"could not load a tokenizer from '{name}' ({_first_line(error)}); give a folder written "
-                         f"by train-sentencepiece.py") from None
+        raise unusable_tokenizer(f"could not load a tokenizer from '{name}' ({_first_line(error)})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise InputError(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json; give a folder written "
-                         f"by train-sentencepiece.py")
+        raise unusable_tokenizer(f"tokenizer '{name}' is not a fast tokenizer with a tokenizer.json")
     return PackingTokenizer(text_backend(tokenizer.backend_tokenizer.to_str()), tokenizer.bos_token_id,
                             tokenizer.eos_token_id, len(tokenizer))
 
@@ -237,9 +233,13 @@ def read_json_config(path: Path, name: str) -> dict:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"could not load a tokenizer from '{name}' ({path.name}: {_first_line(error)}); give a "
-                         f"folder written by train-sentencepiece.py") from None
+        raise unusable_tokenizer(f"could not load a tokenizer from '{name}' ({path.name}: "
+                                 f"{_first_line(error)})") from None
     return values if isinstance(values, dict) else {}
+
+
+def unusable_tokenizer(problem: str) -> InputError:
+    return InputError(f"{problem}; give a folder written by train-sentencepiece.py")
 
 
 def download_tokenizer(name: str, token: str | None) -> Path:
