@@ -1,11 +1,14 @@
 """Benchmarks of the suite, each against the approach of the original scripts, on the same input in one run.
 
     python Utilities/benchmark.py tokenizer --help   # train-sentencepiece.py vs the original's list-based training
-    python Utilities/benchmark.py tokenize --help    # tokenize-dataset.py vs datasets.map + group_texts
+    python Utilities/benchmark.py tokenize --help    # tokenize-dataset.py vs datasets.map + group_texts, and the
+                                                     # tokenizer's own batch encode
     python Utilities/benchmark.py data --help        # reading tokenized folders: first step, disk, RSS, tokens/s
     python Utilities/benchmark.py train --help       # the training step: original-style loop vs ours
 
-Each prints one JSON line per variant measured, so results can be collected with `grep '^{'`.
+Each prints one JSON line per variant measured, so results can be collected with `grep '^{'`. The benchmarks live
+in pretrain/benchmarks/ (the original approaches in baselines.py, the measuring in measure.py); BENCHMARKS.md has
+the figures.
 """
 
 import argparse
@@ -13,15 +16,14 @@ import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suite's root, where pretrain/ lies
 
 # Each benchmark lives in its own module exposing `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {
-    "tokenizer": "bench_tokenizer",
-    "tokenize": "bench_tokenize",
-    "data": "bench_data",
-    "train": "bench_train",
+    "tokenizer": "pretrain.benchmarks.sentencepiece_training",
+    "tokenize": "pretrain.benchmarks.tokenization",
+    "data": "pretrain.benchmarks.data_reading",
+    "train": "pretrain.benchmarks.training_step",
 }
 
 
@@ -30,12 +32,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for command, module_name in BENCHMARKS.items():
-        try:
-            modules[command] = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
+        modules[command] = importlib.import_module(module_name)
         sub = commands.add_parser(command, help=modules[command].__doc__.strip().split("\n")[0])
         modules[command].add_arguments(sub)
     args = parser.parse_args(argv)
@@ -43,6 +40,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from common import run_main
+    from pretrain.errors import run_main
 
     run_main(main)

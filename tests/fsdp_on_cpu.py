@@ -30,4 +30,5 @@ def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 AcceleratorState.__init__ = init_with_fsdp_on_cpu
 sys.argv = [str(REPO / "pre-training.py"), *sys.argv[1:]]
+sys.path[0] = str(REPO)  # what `python pre-training.py` would have there, so `pretrain` imports
 runpy.run_path(sys.argv[0], run_name="__main__")

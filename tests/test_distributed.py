@@ -295,15 +295,6 @@ def test_fsdp_resume_equals_the_uninterrupted_run(fsdp, sample_tokenizer, sample
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: every row once, whatever the process count and the padding of the last batch
 
-def load_pre_training():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class OneOfSeveralProcesses:
     """What evaluate() uses of an Accelerator, as process `index` of `count`; reduce() keeps what it was sent."""
 
@@ -325,9 +316,9 @@ def test_eval_counts_every_row_once_for_any_process_count_and_padding(sample_tok
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tokenized_data import open_tokenized_folder
+    from pretrain.evaluation import evaluate
+    from pretrain.tokenized_data import open_tokenized_folder
 
-    module = load_pre_training()
     _, test_split = open_tokenized_folder(sample_tokenized, block_size=TEST_BLOCK_SIZE, vocab_size=TEST_VOCAB_SIZE,
                                           need_train=False)
     torch.manual_seed(0)
@@ -346,9 +337,7 @@ def test_eval_counts_every_row_once_for_any_process_count_and_padding(sample_tok
     for count, batch_size in cases:
         ranks = [OneOfSeveralProcesses(index, count) for index in range(count)]
         for accelerator in ranks:
-            run = SimpleNamespace(accelerator=accelerator, model=model, spec=SimpleNamespace(
-                training=SimpleNamespace(per_device_eval_batch_size=batch_size)))
-            module.evaluate(run, test_split)
+            evaluate(accelerator, model, test_split, batch_size)
         totals = sum(accelerator.sent[0] for accelerator in ranks)
         assert int(totals[1]) == num_tokens, (count, batch_size)
         assert float(totals[0] / totals[1]) == pytest.approx(float(expected), rel=1e-6), (count, batch_size)

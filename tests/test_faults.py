@@ -24,8 +24,7 @@ import pytest
 
 from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
 
-sys.path.insert(0, str(REPO))
-import checkpointing  # noqa: E402
+from pretrain import checkpoints, errors, faults, publish
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -161,7 +160,7 @@ def killed(ctx):
     stopped = finish(first)
     after_kill = SimpleNamespace(steps=step_dirs(first.output_dir), hidden=hidden(first.output_dir),
                                  complete={n: complete(first.output_dir / n) for n in step_dirs(first.output_dir)},
-                                 latest=checkpointing.latest_checkpoint(first.output_dir))
+                                 latest=checkpoints.latest_checkpoint(first.output_dir))
     resumed = finish(start(ctx, "killed-resumed", *RUN, "training_args.resume_from_checkpoint=latest",
                            output_dir=first.output_dir))
     return SimpleNamespace(caught=caught, stopped=stopped, after_kill=after_kill, resumed=resumed)
@@ -231,7 +230,7 @@ def poison_plan(data_folder, max_data_steps=14):
     {a, a+1} (a >= 3) and exactly {b} (b >= a + 4), and in no other of the first `max_data_steps` steps."""
     import numpy as np
 
-    from tokenized_data import TrainBatches, open_tokenized_folder
+    from pretrain.tokenized_data import TrainBatches, open_tokenized_folder
 
     train, _ = open_tokenized_folder(data_folder, block_size=TEST_BLOCK_SIZE, vocab_size=TEST_VOCAB_SIZE,
                                      need_train=True, need_test=False)
@@ -267,7 +266,7 @@ def full_disk(ctx, reference_future):
         state = SimpleNamespace(steps=step_dirs(out), hidden=hidden(out),
                                 complete={n: complete(out / n) for n in step_dirs(out)},
                                 finite=all(bool(t.isfinite().all()) for t in weights(out / "step_4").values()),
-                                latest=checkpointing.latest_checkpoint(out))
+                                latest=checkpoints.latest_checkpoint(out))
         return SimpleNamespace(skip=None, result=result, state=state, checkpoint_bytes=checkpoint_bytes)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -324,7 +323,7 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_resumed_run_equals_an_unint
     ref, run = runs.get("reference"), runs.get("preempted")
     assert ref.returncode == 0, ref.output[-3000:]
     stopped, resumed = run.stopped, run.resumed
-    assert stopped.returncode == checkpointing.EXIT_PREEMPTED == 75, stopped.output[-3000:]
+    assert stopped.returncode == errors.EXIT_PREEMPTED == 75, stopped.output[-3000:]
     folder = stopped.output_dir / "step_5"
     assert f"stopped by SIGTERM after step 5; checkpoint: {folder}" in stopped.output
     assert "resume_from_checkpoint=latest" in stopped.output and "Traceback" not in stopped.output
@@ -359,7 +358,7 @@ def test_a_second_ctrl_c_ends_the_run_at_once_and_leaves_no_half_written_checkpo
     folders = step_dirs(result.output_dir)
     assert folders[0] == "step_4" and all(complete(result.output_dir / n) for n in folders)
     assert set(hidden(result.output_dir)) <= {".step_5.tmp"}
-    assert checkpointing.latest_checkpoint(result.output_dir).name in {"step_4", "step_5"}
+    assert checkpoints.latest_checkpoint(result.output_dir).name in {"step_4", "step_5"}
 
 
 def test_under_accelerate_launch_a_signal_to_one_process_stops_both_at_the_same_step(runs):
@@ -412,7 +411,7 @@ def test_a_second_save_of_the_same_name_replaces_the_first_whole(tmp_path):
     for folder, text in ((final, "old"), (staging, "new")):
         (folder / "accelerate_state").mkdir(parents=True)
         (folder / "trainer_state.json").write_text(text)
-    checkpointing._publish(staging, final)
+    publish.publish(staging, final, final.with_name(".final-checkpoint.old"))
     assert (final / "trainer_state.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final-checkpoint"]
 
@@ -421,7 +420,7 @@ def test_leftovers_of_killed_saves_are_tidied_and_a_cut_replacement_is_put_back(
     for name in (".step_3.tmp", ".step_2.old", ".step_5.old", "step_5", ".step_1.deleting", ".cache", "step_7"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer_state.json").write_text("{}")
-    checkpointing.remove_leftovers(tmp_path)
+    checkpoints.remove_leftovers(tmp_path)
     # .step_2.old had lost its step_2 (killed between the two renames of a re-save): it goes back into place.
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "step_2", "step_5", "step_7"]
 
@@ -434,7 +433,7 @@ def test_a_full_disk_at_save_time_stops_with_74_and_keeps_the_previous_checkpoin
     if full.skip:
         pytest.skip(full.skip)
     result, state = full.result, full.state
-    assert result.returncode == checkpointing.EXIT_WRITE_FAILED == 74, result.output[-3000:]
+    assert result.returncode == errors.EXIT_WRITE_FAILED == 74, result.output[-3000:]
     assert "warning: training_args.output_dir" in result.output
     assert "set extra_args.keep_last_checkpoints" in result.output
     out = result.output_dir
@@ -473,7 +472,7 @@ def test_a_write_error_on_the_first_save_removes_the_partial_copy(runs):
 
 def test_a_diverging_run_rolls_back_then_stops_with_3(runs):
     result = runs.get("diverging")
-    assert result.returncode == checkpointing.EXIT_DIVERGED == 3, result.output[-3000:]
+    assert result.returncode == errors.EXIT_DIVERGED == 3, result.output[-3000:]
     out = result.output_dir
     assert "error: training diverged: 2 optimizer steps in a row had a non-finite loss or gradient norm" \
         in result.output
@@ -538,8 +537,8 @@ def test_under_a_grad_scaler_only_a_non_finite_loss_counts_and_the_optimizer_alw
     plain = SimpleNamespace(scaler=None, num_processes=1)
     scaled = SimpleNamespace(scaler=object(), num_processes=1)
     finite, inf = torch.tensor(2.0), torch.tensor(float("inf"))
-    assert checkpointing.agree_on_step(plain, finite, inf, False) == (False, False, False)
-    assert checkpointing.agree_on_step(plain, finite, None, True) == (True, True, True)
+    assert faults.agree_on_step(plain, finite, inf, False) == (False, False, False)
+    assert faults.agree_on_step(plain, finite, None, True) == (True, True, True)
     # fp16: the scaler skips overflowing gradients itself and must see every step to adjust its scale.
-    assert checkpointing.agree_on_step(scaled, finite, inf, False) == (True, True, False)
-    assert checkpointing.agree_on_step(scaled, torch.tensor(float("nan")), finite, False) == (False, True, False)
+    assert faults.agree_on_step(scaled, finite, inf, False) == (True, True, False)
+    assert faults.agree_on_step(scaled, torch.tensor(float("nan")), finite, False) == (False, True, False)

@@ -1,6 +1,6 @@
 """pre-training.py end to end on the CPU: a tiny Llama on the tokenized sample."""
 
-import importlib.util
+from types import SimpleNamespace
 import json
 import math
 import shutil
@@ -16,10 +16,10 @@ TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pretrain import hub, model
+
+    return SimpleNamespace(build_optimizer=model.build_optimizer, HubPusher=hub.HubPusher,
+                           enable_activation_checkpointing=model.enable_activation_checkpointing)
 
 
 def train(tokenizer, data, output_dir, *overrides, env=None):
@@ -242,44 +242,36 @@ def test_weight_decay_skips_norms_and_biases():
     assert not any("norm" in n for n in decayed)
 
 
-class FakeHub:
-    def __init__(self, fail_on=None, refuse_branch=None):
-        self.calls, self.fail_on, self.refuse_branch = [], fail_on, refuse_branch
+def test_hub_pushes_a_branch_per_checkpoint_and_final_to_main(tmp_path, fake_hub):
+    import huggingface_hub
 
-    def create_branch(self, repo_id, branch, exist_ok):
-        if branch == self.refuse_branch:
-            raise PermissionError("403 Forbidden")
-        self.calls.append(("branch", repo_id, branch))
-
-    def upload_folder(self, repo_id, folder_path, revision, commit_message, ignore_patterns, run_as_future):
-        from concurrent.futures import Future
-
-        self.calls.append(("upload", repo_id, folder_path, revision, tuple(ignore_patterns)))
-        future = Future()
-        if self.fail_on == revision:
-            future.set_exception(ConnectionError("Hub is down"))
-        else:
-            future.set_result("ok")
-        return future
-
-
-def test_hub_pushes_a_branch_per_checkpoint_and_final_to_main(tmp_path):
     module = load_module()
+    for name in ("step_100", "step_200", "step_300", "final-checkpoint"):
+        (tmp_path / name / "accelerate_state").mkdir(parents=True)
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+        (tmp_path / name / "accelerate_state" / "optimizer.bin").write_bytes(b"optimizer state")
+    fake_hub.fail("create_branch", PermissionError("403 Forbidden"), branch="step-300")
+    fake_hub.fail("upload_folder", ConnectionError("Hub is down"), revision="step-200")
     messages = []
-    hub = module.HubPusher(FakeHub(fail_on="step-200", refuse_branch="step-300"), "me/model", say=messages.append)
+    hub = module.HubPusher(huggingface_hub.HfApi(token="hf_x"), "me/model", say=messages.append)
     hub.push(tmp_path / "step_100", "step-100")
     hub.push(tmp_path / "step_200", "step-200")
     hub.push(tmp_path / "step_300", "step-300")
     hub.push(tmp_path / "final-checkpoint", None)
     hub.wait()
-    calls = hub.api.calls
-    assert ("branch", "me/model", "step-100") in calls and ("branch", "me/model", "step-200") in calls
-    uploads = [c for c in calls if c[0] == "upload"]
-    assert [(c[2].rsplit("/", 1)[-1], c[3]) for c in uploads] == [
-        ("step_100", "step-100"), ("step_200", "step-200"), ("final-checkpoint", None)]
-    assert all("accelerate_state/*" in c[4] for c in uploads)
+    assert [(c["repo_id"], c["branch"], c["exist_ok"]) for c in fake_hub.calls_to("create_branch")] == [
+        ("me/model", "step-100", True), ("me/model", "step-200", True), ("me/model", "step-300", True)]
+    uploads = fake_hub.calls_to("upload_folder")
+    assert [(c["repo_id"], c["folder_path"].rsplit("/", 1)[-1], c["revision"]) for c in uploads] == [
+        ("me/model", "step_100", "step-100"), ("me/model", "step_200", "step-200"),
+        ("me/model", "final-checkpoint", None)]
+    # The resumable state stays local: only the model is sent.
+    assert all("accelerate_state/*" in c["ignore_patterns"] and c["files"] == ["model.safetensors"]
+               for c in uploads)
+    assert {call.token for call in fake_hub.calls} == {"hf_x"}
     assert messages == ["warning: could not push step_300 to me/model: 403 Forbidden",
                         "warning: could not push step_200 to me/model: Hub is down"]
+    assert hub.pending == []
 
 
 def test_activation_checkpointing_uses_whichever_name_transformers_has():

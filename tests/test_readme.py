@@ -1,12 +1,8 @@
 """The README stays true: its field table is the one the dataclasses generate, its commands exist."""
 
 import re
-import sys
-
 from conftest import REPO
-
-sys.path.insert(0, str(REPO))
-from specifications import markdown_table  # noqa: E402
+from specifications import markdown_table
 
 
 def test_field_table_matches_the_dataclasses():

@@ -1,6 +1,9 @@
 """The spec: loading, normalizing, every problem reported at once, overrides, secrets, --dry-run."""
 
 import dataclasses
+import difflib
+import re
+import shutil
 import sys
 
 import pytest
@@ -8,9 +11,10 @@ import yaml
 
 from conftest import REPO, run_script
 
-sys.path.insert(0, str(REPO))
-from common import run_main  # noqa: E402
-from specifications import GROUPS, MASK, SpecError, load_spec  # noqa: E402
+import specifications
+from pretrain.errors import run_main
+from specifications import (GROUPS, MASK, SHIPPED_SPECS, SpecError, load_spec, main, markdown_table,
+                            shipped_spec_texts, spec_yaml)
 
 # A spec in the style the original project's users wrote, spellings and all.
 ORIGINAL_STYLE = """
@@ -254,3 +258,167 @@ def test_secret_overrides_are_masked_in_the_command_line():
     assert mask_secret_overrides(arguments) == ["--spec-file", "specs.yaml", f"training_args.hub_token={MASK}",
                                                 f"extra_args.wandb_token={MASK}", "training_args.max_steps=20",
                                                 "--dry-run"]
+
+
+# Every value the shipped spec files train with: specs.yaml in full, the others as their changes to it.
+SPECS_YAML = {
+    "model_args": {"model_to_train": None, "tokenizer_name": "new-llama-tokenizer", "model_id": "TeenyTinyLlama-160m",
+                   "train_from_scratch": True, "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 3072,
+                   "max_position_embeddings": 2048, "num_attention_heads": 12, "num_hidden_layers": 12,
+                   "num_key_value_heads": 12, "output_hidden_states": False, "cache_dir": None,
+                   "use_fast_tokenizer": True, "model_revision": "main", "trust_remote_code": False,
+                   "torch_dtype": None, "low_cpu_mem_usage": False, "use_cache": False, "attn_implementation": "sdpa"},
+    "data_args": {"dataset_name": "Pt-Corpus-Instruct", "folder_path": "data/pt-corpus-tokenized",
+                  "dataset_split": "train", "block_size": 2048, "overwrite_cache": False,
+                  "preprocessing_num_workers": None, "sanity_check": False},
+    "training_args": {"output_dir": "runs/TeenyTinyLlama-160m", "do_train": True, "do_eval": True,
+                      "evaluation_strategy": "steps", "eval_steps": 5000, "per_device_train_batch_size": 8,
+                      "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 8, "learning_rate": 6e-4,
+                      "adam_epsilon": 1e-8, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.01,
+                      "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "warmup_steps": 1000, "max_steps": None,
+                      "num_train_epochs": 1.0, "gradient_checkpointing": False, "seed": 42,
+                      "dataloader_pin_memory": True, "compile_model": True, "fused_optimizer": True,
+                      "cross_entropy_chunk_tokens": 4096, "allow_tf32": True, "mfu_peak_tflops": None,
+                      "push_to_hub": False, "resume_from_checkpoint": None, "max_skipped_steps": 5,
+                      "max_rollbacks": 3, "hub_model_id": None, "hub_token": None},
+    "extra_args": {"wandb_token": None, "logger_name": "TeenyTinyLlama", "wandb_log_steps": 10, "with_tracking": True,
+                   "mixed_precision": "bf16", "checkpointing_steps": 5000, "keep_last_checkpoints": 0,
+                   "sample_every": 5000,
+                   "generation_seeds": ["A capital do Brasil é", "Era uma vez uma menina que",
+                                        "A receita de pão de queijo leva", "O rio Amazonas", "Em 1822, o Brasil"]},
+}
+VARIANT_VALUES = {
+    "specs-460m.yaml": {
+        "model_args.model_id": "TeenyTinyLlama-460m", "model_args.hidden_size": 1024,
+        "model_args.intermediate_size": 4096, "model_args.num_attention_heads": 16, "model_args.num_hidden_layers": 24,
+        "model_args.num_key_value_heads": 16, "training_args.output_dir": "runs/TeenyTinyLlama-460m",
+        "training_args.learning_rate": 3e-4},
+    "specs-tiny.yaml": {
+        "model_args.tokenizer_name": "quickstart-output/tokenizer", "model_args.model_id": "TeenyTinyLlama-tiny",
+        "model_args.vocab_size": 512, "model_args.hidden_size": 128, "model_args.intermediate_size": 512,
+        "model_args.max_position_embeddings": 128, "model_args.num_attention_heads": 4,
+        "model_args.num_hidden_layers": 2, "model_args.num_key_value_heads": 2,
+        "data_args.dataset_name": "data/sample/pt-sample.jsonl", "data_args.folder_path": "quickstart-output/tokenized",
+        "data_args.block_size": 128, "training_args.output_dir": "quickstart-output/model",
+        "training_args.eval_steps": 100, "training_args.gradient_accumulation_steps": 1,
+        "training_args.learning_rate": 3e-3, "training_args.warmup_steps": 30, "training_args.max_steps": 300,
+        "training_args.compile_model": False, "extra_args.mixed_precision": "no",
+        "extra_args.checkpointing_steps": 100, "extra_args.sample_every": 100},
+}
+REGENERATE = "python specifications.py --write-specs"
+
+
+def flat_values(path) -> dict:
+    spec = load_spec(path, environ={})
+    return {f"{group}.{key}": value for group, values in spec.to_dict(mask_secrets=False).items()
+            for key, value in values.items()}
+
+
+def test_shipped_spec_files_hold_their_values():
+    base = flat_values(REPO / "specs.yaml")
+    assert base == {f"{group}.{key}": value for group, values in SPECS_YAML.items() for key, value in values.items()}
+    assert set(VARIANT_VALUES) | {"specs.yaml"} == set(SHIPPED_SPECS)
+    for name, changed in VARIANT_VALUES.items():
+        assert flat_values(REPO / name) == {**base, **changed}, name
+
+
+def test_each_variant_changes_exactly_the_fields_it_lists():
+    base = flat_values(REPO / "specs.yaml")
+    for name, shipped in SHIPPED_SPECS.items():
+        variant = flat_values(REPO / name)
+        changed = [key for key in base if variant[key] != base[key]]
+        assert changed == [change.partition("=")[0] for change in shipped.changes], name
+
+
+def test_shipped_spec_files_are_what_the_generator_writes():
+    for name, expected in shipped_spec_texts(REPO).items():
+        shipped = (REPO / name).read_bytes()
+        diff = difflib.unified_diff(shipped.decode("utf-8", "replace").splitlines(keepends=True),
+                                    expected.splitlines(keepends=True), f"{name} (shipped)", f"{name} (generated)")
+        assert shipped == expected.encode("utf-8"), (
+            f"{name} is stale: run `{REGENERATE}`. It takes the values of specs.yaml, a variant's changes from "
+            f"SHIPPED_SPECS in specifications.py and the comments from the help texts; a value edited by hand in "
+            f"another spec file belongs in SHIPPED_SPECS.\n" + "".join(list(diff)[:40]))
+
+
+def fields_and_comments(text: str) -> list[tuple[str, str, str]]:
+    """(group, field, the comment lines right above the field joined into one line) for every field of a file."""
+    found, group, comment = [], None, []
+    for line in text.splitlines():
+        if line.startswith("  # "):
+            comment.append(line[4:])
+        elif match := re.fullmatch(r"(\w+):", line):
+            group, comment = match.group(1), []
+        elif match := re.match(r"  (\w+):", line):
+            found.append((group, match.group(1), " ".join(comment)))
+            comment = []
+        elif not line.strip():
+            comment = []
+    return found
+
+
+def test_every_field_of_every_shipped_file_sits_under_its_help_text():
+    expected = [(group, f.name, f.metadata["help"]) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+    for name in SHIPPED_SPECS:
+        assert fields_and_comments((REPO / name).read_text(encoding="utf-8")) == expected, (
+            f"{name}'s comments are not the help texts: run `{REGENERATE}`")
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_SPECS))
+def test_header_says_what_the_dry_run_prints(name):
+    lines = (REPO / name).read_text(encoding="utf-8").splitlines()
+    header = " ".join(line.lstrip("# ") for line in lines[:lines.index("")])
+    assert f"--spec-file {name} " in header
+    parameters = re.search(r"([\d,]+) parameters", header).group(1)
+    tokens = re.search(r"([\d,]+) tokens per optimizer step", header).group(1)
+    result = run_script("pre-training.py", "--spec-file", name, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"parameters: {parameters} " in result.stdout
+    assert f"tokens per optimizer step: {tokens} " in result.stdout
+
+
+def test_spec_yaml_writes_any_spec_back_as_it_loads(tmp_path):
+    spec = load_spec(REPO / "specs.yaml", ["extra_args.generation_seeds=[]", "extra_args.sample_every=null",
+                                           "training_args.adam_epsilon=1e-12", "model_args.torch_dtype=bf16"],
+                     environ={})
+    spec.data.dataset_name = 'a "quoted" name: with # and é\nand a second line'
+    spec.model.tokenizer_name = "no"
+    text = spec_yaml(spec, "A header\n\nin two paragraphs")
+    assert text.startswith("# A header\n#\n# in two paragraphs\n\nmodel_args:\n")
+    assert "  generation_seeds: []\n" in text
+    again = load_spec(write(tmp_path, text), environ={})
+    assert again.to_dict(mask_secrets=False) == spec.to_dict(mask_secrets=False)
+
+
+def test_write_specs_writes_every_shipped_file(tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "specs.yaml", tmp_path / "specs.yaml")
+    monkeypatch.setattr(specifications, "ROOT", tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_env_secret_17")
+    main(["--write-specs"])
+    for name in SHIPPED_SPECS:
+        assert (tmp_path / name).read_bytes() == (REPO / name).read_bytes(), name
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / name}" for name in SHIPPED_SPECS]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(SHIPPED_SPECS)
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("  hub_token: null", "  hub_token: hf_file_secret_42", "holds a secret (training_args.hub_token)"),
+    ("  max_steps: null", "  max_step: 3", "did you mean 'max_steps'"),
+])
+def test_write_specs_refuses_a_bad_specs_yaml_and_writes_nothing(tmp_path, monkeypatch, capsys, old, new, expected):
+    text = (REPO / "specs.yaml").read_text(encoding="utf-8")
+    assert old in text
+    write(tmp_path, text.replace(old, new), "specs.yaml")
+    monkeypatch.setattr(specifications, "ROOT", tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        run_main(lambda: main(["--write-specs"]))
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "hf_file_secret_42" not in error
+    assert [path.name for path in tmp_path.iterdir()] == ["specs.yaml"]
+    assert (tmp_path / "specs.yaml").read_text(encoding="utf-8") == text.replace(old, new)
+
+
+def test_without_arguments_it_prints_the_readme_table(capsys):
+    main([])
+    assert capsys.readouterr().out == markdown_table() + "\n"

@@ -3,7 +3,7 @@
 The tuned loop must train like the plain one: same losses step for step on the same data (compile included).
 """
 
-import importlib.util
+from types import SimpleNamespace
 import json
 import math
 import sys
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from conftest import REPO, TINY_MODEL, run_script
 
-sys.path.insert(0, str(REPO))
-import throughput  # noqa: E402
-from specifications import load_spec  # noqa: E402
+from pretrain import loss, model as model_module, telemetry
+from pretrain.benchmarks import micro_batch
+from specifications import load_spec
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -59,10 +59,8 @@ def assert_same_grads(got, expected, rtol=1e-4, atol=1e-6):
 
 
 def load_pre_training():
-    module_spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return SimpleNamespace(causal_lm_loss=loss.causal_lm_loss, causal_lm_token_losses=loss.causal_lm_token_losses,
+                           llama_config=model_module.llama_config, build_optimizer=model_module.build_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,7 +70,7 @@ def load_pre_training():
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(chunk_tokens):
     model, input_ids = tiny_model(), token_batch()
     expected, expected_grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=input_ids).loss)
-    got, grads = loss_and_grads(model, lambda: throughput.causal_lm_losses(model, input_ids, "mean", chunk_tokens))
+    got, grads = loss_and_grads(model, lambda: loss.causal_lm_losses(model, input_ids, "mean", chunk_tokens))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert_same_grads(grads, expected_grads)
@@ -84,7 +82,7 @@ def test_per_sequence_sums_keep_their_meaning():
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                                    reduction="none").view(3, 39).sum(dim=1)
-        got = throughput.causal_lm_losses(model, input_ids, "per_sequence", 16)
+        got = loss.causal_lm_losses(model, input_ids, "per_sequence", 16)
     assert got.shape == (3,) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
 
@@ -102,13 +100,13 @@ def test_a_head_that_is_not_a_plain_linear_is_called_as_a_module_per_chunk():
     head = WrappedHead(32, 256, bias=False)
     head.weight = model.lm_head.weight
     model.lm_head = head
-    assert throughput._plain_linear_weight(head) is None
-    got, grads = loss_and_grads(model, lambda: throughput.causal_lm_losses(model, input_ids, "mean", 50))
+    assert loss._plain_linear_weight(head) is None
+    got, grads = loss_and_grads(model, lambda: loss.causal_lm_losses(model, input_ids, "mean", 50))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert_same_grads(grads, expected_grads)
     assert WrappedHead.calls == 2 * 3  # 3 chunks of the 117 tokens, each recomputed in backward
     with torch.no_grad():
-        per_sequence = throughput.causal_lm_losses(model, input_ids, "per_sequence", 50)
+        per_sequence = loss.causal_lm_losses(model, input_ids, "per_sequence", 50)
     torch.testing.assert_close(per_sequence.sum() / (3 * 39), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -116,7 +114,7 @@ def test_bf16_autocast_loss_matches_the_models_own():
     model, input_ids = tiny_model(), token_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_grads = loss_and_grads(model, lambda: model(input_ids=input_ids, labels=input_ids).loss)
-        got, grads = loss_and_grads(model, lambda: throughput.causal_lm_losses(model, input_ids, "mean", 50))
+        got, grads = loss_and_grads(model, lambda: loss.causal_lm_losses(model, input_ids, "mean", 50))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)
     for name in expected_grads:  # bf16 rounds the logit gradients in both, at different places
@@ -133,8 +131,8 @@ def test_installed_forward_leaves_everything_else_as_it_was(tmp_path):
     with torch.no_grad():
         logits_before = model(input_ids=input_ids).logits
     names_before = sorted(model.state_dict())
-    throughput.install_fast_loss(model, 50, compile_loss=False)
-    assert throughput.fast_loss_of(model).chunk_tokens == 50
+    loss.install_fast_loss(model, 50, compile_loss=False)
+    assert loss.fast_loss_of(model).chunk_tokens == 50
     assert "logits_to_keep" in inspect.signature(model.forward).parameters  # generate() inspects it
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids).logits, logits_before)
@@ -146,7 +144,7 @@ def test_installed_forward_leaves_everything_else_as_it_was(tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert throughput.fast_loss_of(reloaded) is None
+    assert loss.fast_loss_of(reloaded) is None
 
 
 def test_ddp_wrapped_model_reaches_the_installed_loss(tmp_path):
@@ -156,11 +154,11 @@ def test_ddp_wrapped_model_reaches_the_installed_loss(tmp_path):
     model, input_ids = tiny_model(), token_batch()
     expected = pre_training.causal_lm_loss(model, input_ids)  # nothing installed: the plain path
     expected_sums = pre_training.causal_lm_token_losses(model, input_ids)
-    throughput.install_fast_loss(model, 50, compile_loss=False)
+    loss.install_fast_loss(model, 50, compile_loss=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        assert throughput.fast_loss_of(wrapped) is throughput.fast_loss_of(model)
+        assert loss.fast_loss_of(wrapped) is loss.fast_loss_of(model)
         loss = pre_training.causal_lm_loss(wrapped, input_ids)
         loss.backward()
         with torch.no_grad():
@@ -184,18 +182,18 @@ def test_parameter_count_and_flops_per_token_of_the_shipped_specs(spec_file, par
                                                                      "pad_token_id": 3}), spec.model.vocab_size)
     with torch.device("meta"):
         counted = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    assert throughput.parameter_count(config) == counted == parameters
+    assert telemetry.parameter_count(config) == counted == parameters
     m = spec.model
     expected = 6 * parameters + 12 * m.num_hidden_layers * m.hidden_size * spec.data.block_size
-    assert throughput.flops_per_token(config, spec.data.block_size) == expected
+    assert telemetry.flops_per_token(config, spec.data.block_size) == expected
 
 
 def test_tied_head_is_counted_and_unknown_configs_give_none():
     model = tiny_model(tie=True)
     stored = sum(p.numel() for p in model.parameters())
-    assert throughput.parameter_count(model.config) == stored + 256 * 32  # the head's matmul still runs
-    assert throughput.flops_per_token(object(), 2048) is None
-    assert throughput.model_flops_utilization(1e5, None, 989.4, 1) is None
+    assert telemetry.parameter_count(model.config) == stored + 256 * 32  # the head's matmul still runs
+    assert telemetry.flops_per_token(object(), 2048) is None
+    assert telemetry.model_flops_utilization(1e5, None, 989.4, 1) is None
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
@@ -204,34 +202,34 @@ def test_tied_head_is_counted_and_unknown_configs_give_none():
                                         ("NVIDIA L4", 121.0), ("NVIDIA A10G", None), ("Tesla T4", None)])
 def test_peak_is_looked_up_by_gpu_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    found, source = throughput.peak_tflops(torch.device("cuda"))
+    found, source = telemetry.peak_tflops(torch.device("cuda"))
     assert found == peak
     assert (name in source) and (("set training_args.mfu_peak_tflops" in source) == (peak is None))
 
 
 def test_mfu_arithmetic_override_and_cpu():
-    assert throughput.peak_tflops(torch.device("cpu")) == (None, "not computed on cpu (no GPU peak to compare "
+    assert telemetry.peak_tflops(torch.device("cpu")) == (None, "not computed on cpu (no GPU peak to compare "
                                                                  "with)")
-    assert throughput.peak_tflops(torch.device("cpu"), 800.0)[0] == 800.0
+    assert telemetry.peak_tflops(torch.device("cpu"), 800.0)[0] == 800.0
     flops = 6 * 162_417_408 + 12 * 12 * 768 * 2048
-    mfu = throughput.model_flops_utilization(400_000, flops, 989.4, 1)
+    mfu = telemetry.model_flops_utilization(400_000, flops, 989.4, 1)
     assert mfu == pytest.approx(400_000 * flops / 989.4e12) and 0.48 < mfu < 0.49
-    assert throughput.model_flops_utilization(800_000, flops, 989.4, 2) == pytest.approx(mfu)
+    assert telemetry.model_flops_utilization(800_000, flops, 989.4, 2) == pytest.approx(mfu)
 
 
 def test_telemetry_and_progress_bar_show_only_what_the_device_has():
     model = tiny_model()
-    fields = throughput.step_telemetry(model.config, block_size=64, tokens_per_second=1000.0, num_processes=1,
+    fields = telemetry.step_telemetry(model.config, block_size=64, tokens_per_second=1000.0, num_processes=1,
                                        device=torch.device("cpu"), peak_override=None)
     assert fields == {"mfu": None, "gpu_memory_gib": None, "gpu_peak_memory_gib": None}
-    with_peak = throughput.step_telemetry(model.config, block_size=64, tokens_per_second=1e9, num_processes=1,
+    with_peak = telemetry.step_telemetry(model.config, block_size=64, tokens_per_second=1e9, num_processes=1,
                                           device=torch.device("cpu"), peak_override=100.0)
-    assert with_peak["mfu"] == round(1e9 * throughput.flops_per_token(model.config, 64) / 100e12, 4)
+    assert with_peak["mfu"] == round(1e9 * telemetry.flops_per_token(model.config, 64) / 100e12, 4)
     record = {"loss": 2.5, "learning_rate": 3e-4, "tokens_per_second": 123456.0, **fields}
-    assert throughput.progress_postfix(record) == {"loss": "2.5000", "lr": "3.00e-04", "tok_s": "123,456"}
+    assert telemetry.progress_postfix(record) == {"loss": "2.5000", "lr": "3.00e-04", "tok_s": "123,456"}
     record.update(mfu=0.4312, gpu_peak_memory_gib=41.26)
-    assert throughput.progress_postfix(record)["mfu"] == "43.1%"
-    assert throughput.progress_postfix(record)["mem_gib"] == "41.3"
+    assert telemetry.progress_postfix(record)["mfu"] == "43.1%"
+    assert telemetry.progress_postfix(record)["mem_gib"] == "41.3"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,11 +239,11 @@ def test_fused_adamw_where_the_device_has_it_and_torch_default_otherwise():
     pre_training = load_pre_training()
     model = tiny_model()
     fused = pre_training.build_optimizer(model, load_spec(REPO / "specs.yaml"), None)
-    assert fused.defaults["fused"] is True and throughput.fused_adamw_supported(torch.device("cpu"))
+    assert fused.defaults["fused"] is True and model_module.fused_adamw_supported(torch.device("cpu"))
     plain = pre_training.build_optimizer(model, load_spec(REPO / "specs.yaml", ["training_args.fused_optimizer=false"]),
                                          None)
     assert not plain.defaults["fused"]
-    assert not throughput.fused_adamw_supported(torch.device("meta"))
+    assert not model_module.fused_adamw_supported(torch.device("meta"))
     meta = pre_training.build_optimizer(model, load_spec(REPO / "specs.yaml"), torch.device("meta"))
     assert not meta.defaults["fused"]
     assert [g["weight_decay"] for g in fused.param_groups] == [0.01, 0.0]
@@ -253,17 +251,17 @@ def test_fused_adamw_where_the_device_has_it_and_torch_default_otherwise():
 
 def test_compile_is_skipped_where_it_cannot_run(monkeypatch):
     said = []
-    assert throughput.compile_possible(torch.device("cpu"), False, said.append)
-    assert not throughput.compile_possible(torch.device("cuda"), True, said.append)
-    monkeypatch.setattr(throughput.shutil, "which", lambda name: None)
-    assert not throughput.compile_possible(torch.device("cpu"), False, said.append)
+    assert model_module.compile_possible(torch.device("cpu"), False, said.append)
+    assert not model_module.compile_possible(torch.device("cuda"), True, said.append)
+    monkeypatch.setattr(model_module.shutil, "which", lambda name: None)
+    assert not model_module.compile_possible(torch.device("cpu"), False, said.append)
     assert said == ["note: compile_model is not applied under FSDP here; the model runs eager",
                     "note: compile_model needs a C++ compiler on the CPU and none was found; the model runs eager"]
 
 
 def test_tf32_is_left_alone_off_cuda():
     before = torch.backends.cuda.matmul.allow_tf32
-    assert throughput.enable_tf32(torch.device("cpu")) is False
+    assert model_module.enable_tf32(torch.device("cpu")) is False
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
@@ -271,14 +269,14 @@ def test_prepare_model_installs_only_what_the_spec_asks(monkeypatch):
     said = []
     spec = load_spec(REPO / "specs.yaml", ["training_args.compile_model=false"])
     model = tiny_model()
-    throughput.prepare_model(model, spec.training, torch.device("cpu"), sharded=False, say=said.append)
-    assert throughput.fast_loss_of(model) == throughput.FastLoss(4096, None)
+    model_module.prepare_model(model, spec.training, torch.device("cpu"), sharded=False, say=said.append)
+    assert loss.fast_loss_of(model) == loss.FastLoss(4096, None)
     assert said == ["speed: compile off, cross-entropy in chunks of 4,096 tokens, AdamW fused, TF32 off",
                     "MFU: not computed on cpu (no GPU peak to compare with)"]
     plain = load_spec(REPO / "specs.yaml", PLAIN)
     model = tiny_model()
-    throughput.prepare_model(model, plain.training, torch.device("cpu"), sharded=False, say=said.append)
-    assert throughput.fast_loss_of(model) is None
+    model_module.prepare_model(model, plain.training, torch.device("cpu"), sharded=False, say=said.append)
+    assert loss.fast_loss_of(model) is None
     assert said[-2] == "speed: compile off, cross-entropy full logits, AdamW foreach, TF32 off"
 
 
@@ -292,23 +290,23 @@ def test_largest_micro_batch_doubles_until_out_of_memory():
         return {"peak_memory_gib": micro_batch * 4.0}
 
     seen = []
-    assert throughput.find_largest_micro_batch(trial, 256, lambda m, r: seen.append((m, r["fits"]))) == 8
+    assert micro_batch.find_largest_micro_batch(trial, 256, lambda m, r: seen.append((m, r["fits"]))) == 8
     assert seen == [(1, True), (2, True), (4, True), (8, True), (16, False)]
     seen.clear()
-    assert throughput.find_largest_micro_batch(trial, 4, lambda m, r: seen.append(m)) == 4
+    assert micro_batch.find_largest_micro_batch(trial, 4, lambda m, r: seen.append(m)) == 4
     assert seen == [1, 2, 4]
-    assert throughput.find_largest_micro_batch(lambda m: {"fits": False}, 64, lambda m, r: None) is None
+    assert micro_batch.find_largest_micro_batch(lambda m: {"fits": False}, 64, lambda m, r: None) is None
 
 
 def test_activation_estimate_grows_with_the_batch_and_chunking_saves_the_logits():
     config = tiny_model(vocab_size=2048).config
-    chunked = throughput.activation_profile(config, 64, 64, None)
-    full = throughput.activation_profile(config, 64, None, None)
+    chunked = micro_batch.activation_profile(config, 64, 64, None)
+    full = micro_batch.activation_profile(config, 64, None, None)
     assert chunked["layer_bytes_per_token"] == pytest.approx(full["layer_bytes_per_token"])
     # The full loss keeps float32 log-probabilities of every token (4 bytes x 2,048); the chunked one a gradient of
     # the hidden state (4 bytes x 32).
     assert full["base_bytes_per_token"] - chunked["base_bytes_per_token"] >= 4 * 2048 - 4 * 32
-    sizes = [throughput.estimated_memory_gib(config, chunked, block_size=64, micro_batch=m, chunk_tokens=64,
+    sizes = [micro_batch.estimated_memory_gib(config, chunked, block_size=64, micro_batch=m, chunk_tokens=64,
                                              mixed_precision=False) for m in (1, 2, 4)]
     assert sizes[0] < sizes[1] < sizes[2]
 

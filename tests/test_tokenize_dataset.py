@@ -13,24 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
 
-sys.path.insert(0, str(REPO))
-import common  # noqa: E402
-import manifest as manifest_module  # noqa: E402
-from common import InputError  # noqa: E402
+from pretrain import corpus, hub, tokenizer_folder, tokenize_dataset
+from pretrain import manifest as manifest_module
+from pretrain.errors import InputError
 
 SCRIPT = "Utilities/tokenize-dataset.py"
 BOS_ID, EOS_ID = 1, 2
-
-
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tokenize_dataset = load_module("tokenize_dataset", REPO / SCRIPT)
 
 
 def tokenize(*args, check=True):
@@ -241,15 +229,15 @@ def test_mapped_corpus_pages_are_handed_back_and_stay_readable(tmp_path, monkeyp
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     mapped = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    ranges = tokenize_dataset.mapped_file_ranges(".arrow")
+    ranges = corpus.mapped_file_ranges(".arrow")
     assert sum(end - start for start, end in ranges) >= 20_000_000
     assert sum(map(len, mapped.column("text").to_pylist())) == 20_000_000  # every page has been read
     before = rss_file_kb()
-    tokenize_dataset.drop_mapped_pages(ranges)
+    corpus.drop_mapped_pages(ranges)
     assert rss_file_kb() < before - 15_000
     assert mapped.column("text")[12345].as_py() == "00012345" * 125  # mapped again from the page cache on demand
-    monkeypatch.setattr(tokenize_dataset, "PROC_MAPS", tmp_path / "no-proc")  # not Linux: nothing to do
-    assert tokenize_dataset.mapped_file_ranges(".arrow") == []
+    monkeypatch.setattr(corpus, "PROC_MAPS", tmp_path / "no-proc")  # not Linux: nothing to do
+    assert corpus.mapped_file_ranges(".arrow") == []
 
 
 # --- the output folder: rerun, refuse, overwrite -----------------------------------------------------------------
@@ -366,14 +354,14 @@ def test_tokenizer_is_read_without_transformers_as_transformers_reads_it(tmp_pat
     from transformers import AutoTokenizer
 
     reference = AutoTokenizer.from_pretrained(folder)
-    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    packing, record = tokenizer_folder.load_tokenizer(str(folder), None)
     assert (packing.bos_token_id, packing.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (1, 0)
     config["added_tokens_decoder"] = {str(i): {"content": t, **added} for i, t in enumerate(["<unk>", "<s>", "</s>",
                                                                                              "<pad>"])}
     config["bos_token"] = "</s>"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     reference = AutoTokenizer.from_pretrained(folder)
-    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    packing, record = tokenizer_folder.load_tokenizer(str(folder), None)
     assert (packing.bos_token_id, packing.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (2, 3)
     assert packing.vocab_size == record["vocab_size"] == len(reference) == len(tokenizer)
     text = "  Olá, mundo!\n\tação </s> 2024 😀"
@@ -390,7 +378,7 @@ def test_other_tokenizer_classes_pack_the_ids_transformers_gives(tmp_path, sampl
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     reference = AutoTokenizer.from_pretrained(folder)
-    packing, record = tokenize_dataset.load_tokenizer(str(folder), None)
+    packing, record = tokenizer_folder.load_tokenizer(str(folder), None)
     assert (packing.bos_token_id, packing.eos_token_id, packing.vocab_size) == \
         (reference.bos_token_id, reference.eos_token_id, len(reference)) == (1, 2, record["vocab_size"])
     text = "  dois espaços no início, e   três no meio\n"
@@ -401,10 +389,10 @@ def test_other_tokenizer_classes_pack_the_ids_transformers_gives(tmp_path, sampl
     assert packed != Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     (folder / "tokenizer.json").write_text("not json")
     with pytest.raises(InputError, match="could not load a tokenizer"):
-        tokenize_dataset.load_tokenizer(str(folder), None)
+        tokenizer_folder.load_tokenizer(str(folder), None)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: object())  # a slow tokenizer
     with pytest.raises(InputError, match="not a fast tokenizer"):
-        tokenize_dataset.load_tokenizer(str(folder), None)
+        tokenizer_folder.load_tokenizer(str(folder), None)
 
 
 def test_tokenizer_file_or_broken_config_is_refused(tmp_path, sample_tokenizer):
@@ -444,51 +432,15 @@ def test_bad_datasets_and_sizes_write_nothing(tmp_path, sample_tokenizer, rows, 
 
 # --- the Hub, with a fake client ---------------------------------------------------------------------------------
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
-    calls = []
-    fail_on = None
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def _record(self, name, **kwargs):
-        FakeHub.calls.append((name, self.token, kwargs))
-        if FakeHub.fail_on == name:
-            raise RuntimeError(f"{name} refused\nsecond line")
-
-    def whoami(self):
-        self._record("whoami")
-        return {"name": "someone"}
-
-    def create_repo(self, repo_id, **kwargs):
-        self._record("create_repo", repo_id=repo_id, **kwargs)
-
-    def upload_folder(self, folder_path, repo_id, **kwargs):
-        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-        self._record("upload_folder", folder_path=folder_path, repo_id=repo_id, files=files, **kwargs)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    import huggingface_hub
-
-    FakeHub.calls, FakeHub.fail_on = [], None
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
-    monkeypatch.setattr(tokenize_dataset, "hub_reachable", lambda: True)
-    return FakeHub
-
-
 def test_push_uploads_the_finished_folder_with_the_token(fake_hub, tmp_path, sample_tokenizer, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
     out = tmp_path / "out"
     out.mkdir()  # an empty folder is as good as none
     tokenize_dataset.main(["--dataset-name", str(SAMPLE), "--tokenizer-name", str(sample_tokenizer), "--block-size",
                            "128", "--output-dir", str(out), "--push-to-hub", "someone/corpus-tokenized"])
-    names = [call[0] for call in fake_hub.calls]
-    assert names == ["whoami", "create_repo", "upload_folder"]
-    assert all(call[1] == "hf_secret_from_env" for call in fake_hub.calls)
-    upload = fake_hub.calls[-1][2]
+    assert [call.name for call in fake_hub.calls] == ["whoami", "create_repo", "upload_folder"]
+    assert all(call.token == "hf_secret_from_env" for call in fake_hub.calls)
+    upload = fake_hub.calls_to("upload_folder")[0]
     assert upload["repo_id"] == "someone/corpus-tokenized" and upload["repo_type"] == "dataset"
     assert Path(upload["folder_path"]) == out and "manifest.json" in upload["files"]
     assert "train/part-00000.parquet" in upload["files"] and "test/part-00000.parquet" in upload["files"]
@@ -500,15 +452,18 @@ def test_push_failures(fake_hub, tmp_path, sample_tokenizer):
     out = tmp_path / "out"
     args = ["--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer, "--block-size", 128, "--output-dir", out,
             "--push-to-hub", "someone/corpus", "--token", "hf_x"]
-    fake_hub.fail_on = "whoami"  # a bad token stops everything before the work
-    run_main_expecting(args, "does not accept the token")
+    fake_hub.fail("whoami", RuntimeError("401 Unauthorized\nsecond line"))  # a bad token stops everything first
+    run_main_expecting(args, "does not accept the token \\(401 Unauthorized\\)")
     assert not out.exists()
-    fake_hub.fail_on = "upload_folder"  # the folder stays complete; rerunning the command retries the upload
+    fake_hub.failures.clear()
+    fake_hub.fail("upload_folder", RuntimeError("upload_folder refused\nsecond line"))
+    # The folder stays complete; rerunning the command retries the upload.
     run_main_expecting(args, "is complete, but uploading it to 'someone/corpus' failed \\(upload_folder refused\\)")
     assert manifest_module.read_manifest(out) is not None
-    fake_hub.fail_on = None
+    fake_hub.failures.clear()
     tokenize_dataset.main([str(a) for a in args])
-    assert [call[0] for call in fake_hub.calls][-2:] == ["create_repo", "upload_folder"]
+    assert [call.name for call in fake_hub.calls][-2:] == ["create_repo", "upload_folder"]
+    assert "manifest.json" in fake_hub.calls_to("upload_folder")[-1]["files"]
 
 
 def test_push_with_the_hub_unreachable_fails_before_the_work(tmp_path, sample_tokenizer):
@@ -519,24 +474,15 @@ def test_push_with_the_hub_unreachable_fails_before_the_work(tmp_path, sample_to
     assert not out.exists()
 
 
-def test_tokenizer_from_the_hub_is_downloaded_then_loaded(monkeypatch, sample_tokenizer):
-    import huggingface_hub
-
-    asked = []
-
-    def fake_snapshot_download(repo_id, allow_patterns, token):
-        asked.append((repo_id, token))
-        if repo_id == "someone/missing":
-            raise RuntimeError("404 Client Error: Repository Not Found")
-        return str(sample_tokenizer)
-
-    monkeypatch.setattr(common, "hub_reachable", lambda: True)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    tokenizer, record = tokenize_dataset.load_tokenizer("someone/tokenizer", "hf_x")
-    assert asked == [("someone/tokenizer", "hf_x")] and record["path"] == "someone/tokenizer"
-    assert record["tokenizer_json_sha256"] == common.sha256_file(Path(sample_tokenizer) / "tokenizer.json")
+def test_tokenizer_from_the_hub_is_downloaded_then_loaded(fake_hub, sample_tokenizer):
+    fake_hub.repos["someone/tokenizer"] = sample_tokenizer
+    tokenizer, record = tokenizer_folder.load_tokenizer("someone/tokenizer", "hf_x")
+    assert [(call.name, call.arguments["repo_id"], call.token) for call in fake_hub.calls] == [
+        ("snapshot_download", "someone/tokenizer", "hf_x")]
+    assert record["path"] == "someone/tokenizer" and tokenizer.vocab_size == record["vocab_size"]
+    assert record["tokenizer_json_sha256"] == manifest_module.sha256_file(Path(sample_tokenizer) / "tokenizer.json")
     with pytest.raises(InputError, match="could not download tokenizer 'someone/missing'.*Repository Not Found"):
-        tokenize_dataset.load_tokenizer("someone/missing", None)
+        tokenizer_folder.load_tokenizer("someone/missing", None)
 
 
 # --- the benchmark -----------------------------------------------------------------------------------------------
@@ -555,61 +501,3 @@ def test_benchmark_measures_every_variant_on_one_synthesized_corpus(tmp_path):
     bench = load_module("bench_tokenize", REPO / "Utilities" / "bench_tokenize.py")
     again = bench.synthesize_corpus(tmp_path / "again.jsonl", 0.2, seed=0)
     assert again.read_bytes() == corpus.read_bytes()  # deterministic: the same corpus for every run
-
-
-# --- manifest.py --------------------------------------------------------------------------------------------------
-
-def valid_manifest():
-    return {"tokenizer": {"path": "t", "tokenizer_json_sha256": "0" * 64, "vocab_size": 1024}, "block_size": 4,
-            "column": "input_ids", "dtype": "int32",
-            "special_tokens": {"policy": "bos+eos", "bos_token_id": 1, "eos_token_id": 2}, "source": {},
-            "splits": {"train": {"documents": 2, "tokens": 11, "blocks": 2, "dropped_tokens": 3,
-                                 "shards": [{"file": "train/part-00000.parquet", "blocks": 2}]}}}
-
-
-def test_manifest_round_trip_and_absence(tmp_path):
-    assert manifest_module.read_manifest(tmp_path) is None
-    manifest_module.write_manifest(tmp_path, valid_manifest())
-    assert manifest_module.read_manifest(tmp_path) == {"format": 1, **valid_manifest()}
-    with pytest.raises(ValueError, match="malformed"):
-        manifest_module.write_manifest(tmp_path, {**valid_manifest(), "block_size": 1})
-
-
-def broken(path, value):
-    manifest = {"format": 1, **valid_manifest()}
-    *parents, last = path
-    target = manifest
-    for key in parents:
-        target = target[key]
-    if value is None:
-        del target[last]
-    else:
-        target[last] = value
-    return manifest
-
-
-@pytest.mark.parametrize("manifest, message", [
-    ([1, 2], "not a JSON object"),
-    (broken(["format"], 2), "format 2 is not the supported format 1"),
-    (broken(["format"], None), "'format' is missing"),
-    (broken(["block_size"], "4"), "'block_size' should be int, not str"),
-    (broken(["block_size"], True), "'block_size' should be int, not bool"),
-    (broken(["tokenizer", "vocab_size"], None), "'tokenizer.vocab_size' is missing"),
-    (broken(["special_tokens", "eos_token_id"], 2.0), "'special_tokens.eos_token_id' should be int"),
-    (broken(["splits"], {"test": valid_manifest()["splits"]["train"]}), "no 'train' split"),
-    (broken(["splits", "train"], []), "splits.train is not an object"),
-    (broken(["splits", "train", "shards"], [{"file": "x"}]), "must be a list of"),
-    (broken(["splits", "train", "blocks"], 3), "do not add up to 3"),
-    (broken(["splits", "train", "dropped_tokens"], 4), "tokens != blocks"),
-    (broken(["block_size"], 1), "block_size 1 is below 2"),
-])
-def test_malformed_manifests_raise_input_error(tmp_path, manifest, message):
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(InputError, match=message):
-        manifest_module.read_manifest(tmp_path)
-
-
-def test_manifest_that_is_not_json(tmp_path):
-    (tmp_path / "manifest.json").write_bytes(b"\xff{")
-    with pytest.raises(InputError, match="is not valid JSON"):
-        manifest_module.read_manifest(tmp_path)

@@ -1,4 +1,4 @@
-"""tokenized_data.py on small parquet folders written here: counts, order, resume, process shares, refusals."""
+"""pretrain/tokenized_data.py on small parquet folders written here: counts, order, resume, process shares, refusals."""
 
 import json
 import time
@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tokenized_data
-from common import InputError, sha256_file
 from conftest import TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, run_script
-from manifest import write_manifest
-from tokenized_data import TrainBatches, eval_batches, num_micro_batches, open_tokenized_folder
+from pretrain import tokenized_data
+from pretrain.errors import InputError
+from pretrain.manifest import sha256_file, write_manifest
+from pretrain.tokenized_data import TrainBatches, eval_batches, open_tokenized_folder
 
 BLOCK = 4
 VOCAB = 100_000
@@ -83,6 +83,25 @@ def open_folder(folder, **options):
     return open_tokenized_folder(folder, **options)
 
 
+@pytest.fixture
+def decoded_rows(monkeypatch):
+    """(where, rows) of every piece decoded from parquet from now on, by every reader of every split."""
+    pieces = []
+    decode = tokenized_data.decode_rows
+
+    def counted(column, block_size, vocab_size, where):
+        rows = decode(column, block_size, vocab_size, where)
+        pieces.append((where, len(rows)))
+        return rows
+
+    monkeypatch.setattr(tokenized_data, "decode_rows", counted)
+    return pieces
+
+
+def rows_decoded(pieces, split="train"):
+    return sum(rows for where, rows in pieces if f"/{split}/" in where)
+
+
 def take(batches, count):
     return [next(batches) for _ in range(count)]
 
@@ -99,14 +118,14 @@ def stream_ids(split, count, **options):
 # ------------------------------------------------------------------------------------------------ opening, reading
 
 @pytest.mark.parametrize("layout", ["ours", "published"])
-def test_counts_come_from_footers_and_rows_read_back_in_order(tmp_path, layout):
+def test_counts_come_from_footers_and_rows_read_back_in_order(tmp_path, layout, decoded_rows):
     folder = make_folder(tmp_path, layout=layout, manifest=False)
     train, test = open_folder(folder)
     assert (train.num_blocks, test.num_blocks, train.block_size) == (57, 13, BLOCK)
     assert (train.name, test.name) == ("train", "test")
     assert repr(train) == "TokenizedSplit('train', num_blocks=57, block_size=4)"
     # Opening decodes only a sample (first rows of a few row groups), never the data.
-    assert train.rows_decoded <= tokenized_data.SAMPLE_ROW_GROUPS * 10
+    assert 0 < rows_decoded(decoded_rows) <= tokenized_data.SAMPLE_ROW_GROUPS * 10
     rows = train.read_blocks([56, 3, 30, 3, 0])
     assert rows.dtype == np.int64 and rows.shape == (5, BLOCK)
     np.testing.assert_array_equal(rows, blocks(0, 57)[[56, 3, 30, 3, 0]])
@@ -175,7 +194,7 @@ def test_empty_files_and_row_groups_are_skipped(tmp_path):
     assert sorted(sum(stream_ids(train, 3, window_blocks=5), [])) == list(range(12))
 
 
-def test_huge_row_groups_are_streamed_in_pieces(tmp_path):
+def test_huge_row_groups_are_streamed_in_pieces(tmp_path, decoded_rows):
     """A row group larger than a piece and than a window: read in pieces, each row decoded once per epoch."""
     folder = tmp_path / "big"
     write_file(folder / "train" / "a.parquet", blocks(0, 2500), row_group_rows=100_000)
@@ -183,12 +202,13 @@ def test_huge_row_groups_are_streamed_in_pieces(tmp_path):
     train, _ = open_folder(folder, need_test=False)
     assert len(train.row_groups) == 2 and train.num_blocks == 3200
     np.testing.assert_array_equal(train.read_blocks(range(1000, 2600)), blocks(1000, 1600))
-    train.rows_decoded = 0
+    decoded_rows.clear()
     batches = TrainBatches(train, micro_batch_size=50, process_index=0, num_processes=1, seed=3,
                            window_blocks=600, prefetch=0)
     epoch = sum((ids_of(b) for b in take(batches, 64)), [])
     assert sorted(epoch) == list(range(3200)) and epoch != list(range(3200))
-    assert train.rows_decoded == 3200
+    assert rows_decoded(decoded_rows) == 3200
+    assert max(rows for _, rows in decoded_rows) == tokenized_data.PIECE_ROWS
     batches.close()
 
 
@@ -223,16 +243,16 @@ def test_resume_gives_the_tail_of_the_stream(tmp_path, start_batch):
     assert stream_ids(train, 10, start_sample=start_batch * 4) == full[start_batch:]
 
 
-def test_resume_reads_only_what_it_needs(tmp_path):
+def test_resume_reads_only_what_it_needs(tmp_path, decoded_rows):
     folder = make_folder(tmp_path, num_train=2000, row_group_rows=50, files=4)
     train, _ = open_folder(folder)
-    train.rows_decoded = 0
+    decoded_rows.clear()
     start = 7 * 2000 + 1500                                 # deep in epoch 7
     batches = TrainBatches(train, micro_batch_size=4, process_index=0, num_processes=1, seed=1,
                            start_sample=start, window_blocks=100, prefetch=0)
     first = next(batches)
     # One window (100 rows) plus the skipped start of at most one row group on each side of it.
-    assert train.rows_decoded <= 100 + 2 * 50
+    assert 100 <= rows_decoded(decoded_rows) <= 100 + 2 * 50
     uninterrupted = TrainBatches(train, micro_batch_size=4, process_index=0, num_processes=1, seed=1,
                                  window_blocks=100, prefetch=0)
     batches_before = start // 4
@@ -328,12 +348,6 @@ def test_eval_batches_cover_every_row_once_on_any_number_of_processes(tmp_path):
                     weighted += ids_of(input_ids[weight == 1])
                     assert (input_ids[weight == 0] == 0).all()
             assert sorted(weighted) == list(range(10_000, 10_013)), (num_processes, batch_size)
-
-
-def test_num_micro_batches():
-    assert num_micro_batches(57, 8, 1) == 8
-    assert num_micro_batches(64, 8, 2) == 16
-    assert num_micro_batches(100, 8, 0.5) == 7
 
 
 def test_arguments_are_checked(tmp_path):

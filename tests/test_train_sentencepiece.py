@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, SAMPLE, TEST_VOCAB_SIZE, read_sample_texts, run_script
 
-sys.path.insert(0, str(REPO))
+from pretrain import corpus, tokenizer_training
 
 SCRIPT = "train-sentencepiece.py"
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
@@ -34,16 +34,9 @@ ROUND_TRIPS = [
 UNSEEN = "汉字 ᚠᛇᚻ 🦙"
 
 
-def load_module(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_module("train_sentencepiece", REPO / SCRIPT)
+    return tokenizer_training
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +272,6 @@ def test_reachable_hub_reference_is_read_and_a_failed_download_falls_back(tmp_pa
 
 def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path):
     """A .txt with blank lines is read in place through the row numbers of its other lines, JSON lines as they are."""
-    import common
     import numpy as np
 
     documents = [" ".join(text.split()) for text in read_sample_texts()]
@@ -288,10 +280,10 @@ def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path):
     jsonl = write_jsonl(tmp_path / "sample.jsonl", [{"text": d} for d in documents])
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    corpus = common.corpus_files(common.load_text_dataset(str(text_file)), "text", str(scratch))
+    corpus = corpus.corpus_files(corpus.load_text_dataset(str(text_file)), "text", str(scratch))
     assert corpus["num_rows"] == len(documents) and "corpus.arrow" not in str(corpus["files"])
     assert np.load(corpus["rows"]).tolist() == list(range(0, 2 * len(documents), 2))  # every other line
-    corpus = common.corpus_files(common.load_text_dataset(str(jsonl)), "text", str(scratch))
+    corpus = corpus.corpus_files(corpus.load_text_dataset(str(jsonl)), "text", str(scratch))
     assert corpus["num_rows"] == len(documents) and "rows" not in corpus
     scratch_parent = tmp_path / "tmp"
     scratch_parent.mkdir()
@@ -309,7 +301,7 @@ def test_corpus_files_read_in_place_or_copy_and_give_the_rows(tmp_path, script):
     import datasets
     import numpy as np
     import pyarrow as pa
-    from common import arrow_data_files, corpus_files
+    from pretrain.corpus import arrow_data_files, corpus_files
 
     texts = read_sample_texts()
     datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(str(tmp_path / "d"))
@@ -317,7 +309,7 @@ def test_corpus_files_read_in_place_or_copy_and_give_the_rows(tmp_path, script):
 
     def documents(corpus, positions):
         rows = script.file_rows(corpus, np.array(positions))
-        return [t for b in script.read_arrow_files(corpus["files"], "text", rows) for t in b]
+        return [t for b in corpus.read_arrow_files(corpus["files"], "text", rows) for t in b]
 
     in_place = corpus_files(dataset, "text", str(tmp_path))
     assert in_place == {"files": arrow_data_files(dataset, "text"), "num_rows": len(texts)}

@@ -1,67 +1,27 @@
-"""Helpers shared by the suite's scripts: input errors, Hub-or-local sources, atomic output folders.
+"""Reading a text corpus: a local file or folder, a save_to_disk folder, or a Hub dataset, as documents.
 
-Every script reports bad input as one line on stderr and exits with status 2:
-
-    from common import InputError, run_main
-    def main(): ...; raise InputError("--vocab_size must be at least 260; pass a larger value")
-    if __name__ == "__main__": run_main(main)
+    dataset = load_text_dataset("data/sample/pt-sample.jsonl", "train", "text")
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import ctypes
 import json
+import mmap
 import os
-import shutil
-import socket
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
-                 ".parquet": "parquet", ".csv": "csv"}
+import numpy as np
+import pyarrow.compute as pc
 
+from pretrain.errors import InputError, first_line
+from pretrain.hub import TEXT_SUFFIXES, looks_local, require_hub
 
-class InputError(Exception):
-    """A problem with what the user gave us: reported in one line, exit status 2, no traceback."""
-
-
-def run_main(main) -> None:
-    """Call `main()`, turning an InputError into a one-line message and exit status 2."""
-    try:
-        main()
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers at all; honours HF_HUB_OFFLINE so tests never touch the network."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = host.partition(":")
-    try:
-        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def looks_local(name: str) -> bool:
-    """A path that exists, or one spelled like a path (so a typo is reported as a missing path, not a Hub miss)."""
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or \
-        Path(name).suffix.lower() in TEXT_SUFFIXES
-
-
-def require_hub(what: str, name: str) -> None:
-    """Stop with a clear message when `name` is not local and the Hub cannot be reached."""
-    if not hub_reachable():
-        raise InputError(f"{what} '{name}' is not a local path and the Hugging Face Hub cannot be reached; "
-                         f"pass a local path instead")
-
+BATCH_DOCUMENTS = 1000
+GATHER_DOCUMENTS = 64       # documents read between two hand-backs of the corpus pages (see read_texts)
+PROC_MAPS = Path("/proc/self/maps")
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 def load_text_dataset(name: str, split: str = "train", text_column: str = "text", token: str | None = None,
                       text_column_flag: str = "--text_column"):
@@ -85,7 +45,7 @@ def load_text_dataset(name: str, split: str = "train", text_column: str = "text"
             dataset = datasets.load_dataset(name, split=split, token=token)
         except Exception as error:  # the Hub's errors are many; the user needs the gist in one line
             raise InputError(f"could not load dataset '{name}' split '{split}' from the Hub: "
-                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                             f"{first_line(error)}") from None
     if text_column not in dataset.column_names:
         raise InputError(f"dataset '{name}' has no column '{text_column}' (columns: "
                          f"{', '.join(dataset.column_names) or 'none'}); pass {text_column_flag} with one of them")
@@ -123,7 +83,7 @@ def _load_local(path: Path, split: str):
     try:
         dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     except Exception as error:
-        raise InputError(f"could not read '{path}' as {kind}: {str(error).splitlines()[0]}") from None
+        raise InputError(f"could not read '{path}' as {kind}: {first_line(error)}") from None
     if kind == "text":
         dataset = dataset.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
     return dataset
@@ -159,7 +119,6 @@ def corpus_files(dataset, column: str, scratch: str) -> dict:
     numbers, in increasing order. A dataset that is neither (held in memory, a slice, rows out of order) has its
     text column written to `scratch` first.
     """
-    import numpy as np
     import pyarrow as pa
 
     files = arrow_data_files(dataset, column)
@@ -194,37 +153,61 @@ def text_corpus_child(request_file: str) -> None:
     (Path(request["scratch"]) / "answer.json").write_text(json.dumps(answer), encoding="utf-8")
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def read_arrow_files(files: list[str], column: str, positions):
+    """The texts at sorted `positions` of the concatenated `files`, read one record batch at a time."""
+    import pyarrow as pa
+
+    start = taken = 0
+    for path in files:
+        with pa.OSFile(path) as source:
+            for record_batch in pa.ipc.open_stream(source):
+                end = start + record_batch.num_rows
+                stop = int(np.searchsorted(positions, end))
+                for first in range(taken, stop, BATCH_DOCUMENTS):
+                    rows = positions[first:min(stop, first + BATCH_DOCUMENTS)] - start
+                    yield record_batch.column(column).take(pa.array(rows)).to_pylist()
+                taken, start = stop, end
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename, on failure it vanishes.
+def document_bytes(dataset) -> np.ndarray:
+    """UTF-8 size of every document (0 when missing), read from Arrow's offsets without decoding the text."""
+    corpus_maps = mapped_file_ranges(".arrow")
+    parts = []
+    for batch in dataset.with_format("arrow").iter(batch_size=1 << 16):
+        parts.append(pc.fill_null(pc.binary_length(batch.column(0)), 0).to_numpy())
+        drop_mapped_pages(corpus_maps)  # see read_texts
+    return np.concatenate(parts).astype(np.int64)
 
-    Readers therefore see either the old folder or the complete new one, never a half-written one.
+
+def read_texts(texts_by_row, rows: np.ndarray, corpus_maps: list[tuple[int, int]]) -> list[str]:
+    """The documents at `rows`, as Python strings, read without letting RSS count the corpus.
+
+    datasets reads the corpus through a memory map, and every page a read touches (with its neighbours: the page
+    cache holds the file in folios of up to a few hundred KB) stays counted in RSS until the kernel wants it back;
+    shuffled reads would soon count the whole corpus. The strings are copies, so the pages are handed back after
+    every GATHER_DOCUMENTS documents; a page read again is simply mapped again from the page cache.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if final.exists():
-        if not overwrite:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise InputError(f"'{final}' already exists; remove it or ask to overwrite it")
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        temporary.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temporary.rename(final)
+    texts = []
+    for first in range(0, len(rows), GATHER_DOCUMENTS):
+        texts += texts_by_row[rows[first:first + GATHER_DOCUMENTS]].column(0).to_pylist()
+        drop_mapped_pages(corpus_maps)
+    return texts
+
+
+def mapped_file_ranges(suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's read-only mappings of files named *suffix (Linux; elsewhere none)."""
+    if not PROC_MAPS.exists():
+        return []
+    ranges = []
+    for line in PROC_MAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        # Only read-only file mappings: their pages can always be dropped, as nothing in them can be lost.
+        if len(fields) == 6 and fields[5].endswith(suffix) and "w" not in fields[1]:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def drop_mapped_pages(ranges: list[tuple[int, int]]) -> None:
+    for start, end in ranges:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)

@@ -1,13 +1,13 @@
 """Reading a tokenized folder in place: validation, a seeded resumable train stream, and padded eval batches.
 
-    from tokenized_data import open_tokenized_folder, TrainBatches, eval_batches
+    from pretrain.tokenized_data import open_tokenized_folder, TrainBatches, eval_batches
     train, test = open_tokenized_folder("data/pt-corpus-tokenized", block_size=2048, vocab_size=32000)
     batches = TrainBatches(train, micro_batch_size=8, process_index=0, num_processes=1, seed=42)
     input_ids = next(batches)                    # LongTensor [8, 2048]
     for input_ids, weight in eval_batches(test, batch_size=8, process_index=0, num_processes=1): ...
 
 The folder holds `train/*.parquet`, `test/*.parquet` and, when Utilities/tokenize-dataset.py wrote it,
-`manifest.json` (see manifest.py). Two layouts are read: ours (`input_ids` as list<int32>) and the published
+`manifest.json` (see pretrain/manifest.py). Two layouts are read: ours (`input_ids` as list<int32>) and the published
 Pt-Corpus-tokenized one (`input_ids`, `attention_mask`, `labels`, all int64). Only `input_ids` is read: the
 blocks are packed, so every mask is all ones and the labels are the inputs themselves (the model shifts them).
 
@@ -42,7 +42,6 @@ among themselves, so write row groups of at most a few thousand rows (tokenize-d
 from __future__ import annotations
 
 import collections
-import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import InputError
-from manifest import read_manifest
+from pretrain.errors import InputError
+from pretrain.manifest import read_manifest
 
 WINDOW_TOKENS = 1 << 24              # tokens shuffled together; 64 MiB per decoded window as int32
 PIECE_ROWS = 1024                    # rows decoded at a time from a row group: bounds memory for huge row groups
@@ -79,8 +78,6 @@ class TokenizedSplit:
         self.row_groups = row_groups
         self.row_group_starts = np.cumsum([0] + [g.num_rows for g in row_groups], dtype=np.int64)
         self.num_blocks = int(self.row_group_starts[-1])
-        self.rows_decoded = 0        # rows decoded so far, all readers together: resume tests count it
-        self._counter_lock = threading.Lock()
         self._reader_lock = threading.Lock()
         self._reader = _RowGroupReader(self)
 
@@ -105,10 +102,6 @@ class TokenizedSplit:
                 rows = self._reader.read(int(group), first, int(local.max()) + 1)
                 out[mask] = rows[local - first]
         return out
-
-    def _count_decoded(self, num_rows: int):
-        with self._counter_lock:
-            self.rows_decoded += num_rows
 
 
 class _RowGroupReader:
@@ -150,9 +143,7 @@ class _RowGroupReader:
         row_group = self.split.row_groups[self.group]
         batch = next(self.pieces)
         where = f"'{row_group.file}' (row group {row_group.index})"
-        rows = decode_rows(batch.column(0), self.split.block_size, self.split.vocab_size, where)
-        self.split._count_decoded(len(rows))
-        return rows
+        return decode_rows(batch.column(0), self.split.block_size, self.split.vocab_size, where)
 
     def close(self):
         if self.parquet_file is not None:
@@ -327,11 +318,6 @@ def _check_sample(split: TokenizedSplit):
 
 
 # -------------------------------------------------------------------------------------------------- the train stream
-
-def num_micro_batches(num_blocks: int, global_micro_batch: int, epochs: float) -> int:
-    """Global micro-batches that `epochs` passes over `num_blocks` blocks fill (the last one may reach past)."""
-    return math.ceil(num_blocks * epochs / global_micro_batch)
-
 
 def default_window_blocks(block_size: int) -> int:
     return max(1, WINDOW_TOKENS // block_size)

@@ -8,26 +8,27 @@ dictionary encoding) in each layout, ours (list<int32> + manifest.json) and the 
 `input_ids`, `attention_mask`, `labels`), streaming the write. Each measurement runs in a fresh process: the
 reader opens the folder, validates it and yields the first micro-batch (from sample 0 and from the middle of
 epoch 2, as a resume would), then streams micro-batches as fast as it can (--steady-tokens of them, prefetch
-thread on, nothing consuming them), then one pass of eval batches. Reported against what one GPU consumes
-(--target-tokens-per-second, 400k tokens/s for the 160M model on an H100). --baseline adds the original
-scripts' approach on the same folder: `datasets.load_dataset("parquet")` (which writes an Arrow copy into the
-cache) with a shuffling DataLoader. Synthetic folders are deleted afterwards unless --keep.
+thread on, nothing consuming them), then one pass of eval batches; its peak RSS (and the anonymous part, without
+the pages of the memory-mapped files) is summed over it and its children, sampled from outside. Reported against
+what one GPU consumes (--target-tokens-per-second, 400k tokens/s for the 160M model on an H100). --baseline adds
+the original scripts' approach (pretrain/benchmarks/baselines.py) on the same folder:
+`datasets.load_dataset("parquet")` (which writes an Arrow copy into the cache) with a shuffling DataLoader.
+Synthetic folders are deleted afterwards unless --keep.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from pretrain.benchmarks import baselines
+from pretrain.benchmarks.measure import disk_bytes, peak_memory_mib, python_module, run_measured
+
 TARGET_TOKENS_PER_SECOND = 400_000
 # How each layout's writer cuts files: tokenize-dataset.py (zstd, 2^20-token row groups, 2^26-token shards), and
 # `datasets` for the published sets (snappy, 1,000-row groups, shards of about 500 MB in memory).
@@ -91,7 +92,7 @@ def write_folder(folder: Path, layout: str, tokens: int, args):
     """Train and test (1% of blocks) parquet files, written a row group at a time so memory stays flat."""
     import numpy as np
 
-    from manifest import write_manifest
+    from pretrain.manifest import write_manifest
 
     num_blocks = tokens // args.block_size
     counts = {"test": max(1, num_blocks // 100)}
@@ -147,35 +148,26 @@ def write_file(path: Path, num_rows: int, layout: str, group_rows: int, rng, arg
     writer.close()
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes allocated under `path` (0 when it does not exist)."""
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
 # ------------------------------------------------------------------------------------------------------ measuring
 
 def measure(root: Path, folder: Path, reader: str, processes: int, args) -> dict:
-    """Run one reader in a fresh process; add the disk it left behind in the folder and in its own temp dir and
-    Hugging Face caches (pointed into `scratch`: the shared ~/.cache is written by other programs too)."""
+    """Run one reader in a fresh process; add its peak memory and the disk it left behind in the folder and in its
+    own temp dir and Hugging Face caches (pointed into `scratch`: the shared ~/.cache is written by other programs
+    too)."""
     scratch = root / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "tmp").mkdir(parents=True)
     watched = [folder, scratch]
     before = [disk_bytes(p) for p in watched]
     files_before = {p for w in watched for p in w.rglob("*")}
-    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), HF_HOME=str(scratch / "hf-home"),
-               HF_DATASETS_CACHE=str(scratch / "hf-datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(REPO))
+    env = {"TMPDIR": str(scratch / "tmp"), "HF_HOME": str(scratch / "hf-home"),
+           "HF_DATASETS_CACHE": str(scratch / "hf-datasets")}
     config = {"folder": str(folder), "reader": reader, "processes": processes, "block_size": args.block_size,
               "vocab_size": args.vocab_size, "micro_batch_size": args.micro_batch_size,
               "steady_tokens": args.steady_tokens, "cache_dir": str(scratch / "hf-datasets")}
-    completed = subprocess.run([sys.executable, __file__, json.dumps(config)], env=env, capture_output=True,
-                               text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"the {reader} reader failed:\n{completed.stderr[-4000:]}")
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    completed = run_measured(python_module("pretrain.benchmarks.data_reading", json.dumps(config)), env=env)
+    result = completed.check(f"the {reader} reader").json_lines()[-1]
+    result.update(processes=processes, micro_batch_size=args.micro_batch_size, **peak_memory_mib([completed]))
     result["extra_disk_bytes"] = sum(disk_bytes(p) - b for p, b in zip(watched, before))
     result["new_files"] = sorted(str(p) for w in watched for p in w.rglob("*") if p not in files_before)[:5]
     result["target_tokens_per_second"] = args.target_tokens_per_second
@@ -184,45 +176,18 @@ def measure(root: Path, folder: Path, reader: str, processes: int, args) -> dict
     return result
 
 
-class PeakAnonymous:
-    """Samples this process's anonymous resident memory (heap, not file pages mapped from the parquet files)."""
-
-    def __init__(self, every_seconds: float = 0.02):
-        self.peak_kib, self.every = 0, every_seconds
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self):
-        while not self.stop.is_set():
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("RssAnon:"):
-                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
-            self.stop.wait(self.every)
-
-    def finish(self) -> float:
-        self.stop.set()
-        self.thread.join()
-        return round(self.peak_kib / 1024, 1)
-
-
 def child(config: dict) -> dict:
+    """The reader's figures, measured in this process; its memory is measured from outside."""
     import numpy as np  # noqa: F401  (imported before timing starts, as the training script has it loaded)
     import torch  # noqa: F401
 
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    memory = PeakAnonymous()
     measure_reader = measure_ours if config["reader"] == "tokenized_data" else measure_original
-    result = measure_reader(config)
-    result.update(processes=config["processes"], micro_batch_size=config["micro_batch_size"],
-                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  rss_after_imports_mib=round(rss_after_imports, 1), peak_anonymous_rss_mib=memory.finish())
-    return result
+    return {**measure_reader(config), "rss_after_imports_mib": round(rss_after_imports, 1)}
 
 
 def measure_ours(config: dict) -> dict:
-    from tokenized_data import TrainBatches, eval_batches, open_tokenized_folder
+    from pretrain.tokenized_data import TrainBatches, eval_batches, open_tokenized_folder
 
     batch, processes = config["micro_batch_size"], config["processes"]
     started = time.perf_counter()
@@ -261,32 +226,21 @@ def measure_ours(config: dict) -> dict:
 
 
 def measure_original(config: dict) -> dict:
-    """The original scripts' way: load_dataset("parquet") into the cache, with_format("torch"), shuffled DataLoader."""
-    import datasets
-    from torch.utils.data import DataLoader
-    from transformers import default_data_collator
-
-    datasets.disable_progress_bars()
-    folder, batch = config["folder"], config["micro_batch_size"]
+    """The original scripts' loader (pretrain/benchmarks/baselines.py), timed the same way."""
+    batch, block_size = config["micro_batch_size"], config["block_size"]
     started = time.perf_counter()
-    dataset = datasets.load_dataset("parquet", data_files={"train": f"{folder}/train/*.parquet",
-                                                           "test": f"{folder}/test/*.parquet"},
-                                    cache_dir=config["cache_dir"])
-    train = dataset["train"].with_format("torch")
-    loader = DataLoader(train, shuffle=True, batch_size=batch, collate_fn=default_data_collator)
+    loader, num_rows = baselines.train_loader(config["folder"], batch, config["cache_dir"])
     batches = iter(loader)
     next(batches)
     first_batch = time.perf_counter()
-    num_batches = max(1, min(config["steady_tokens"], len(train) * config["block_size"])
-                      // (batch * config["block_size"]))
+    num_batches = max(1, min(config["steady_tokens"], num_rows * block_size) // (batch * block_size))
     started_steady = time.perf_counter()
     for _ in range(num_batches):
         next(batches)
     steady = time.perf_counter() - started_steady
-    return {"num_blocks": len(train), "first_batch_seconds": round(first_batch - started, 3),
-            "tokens_per_second": round(num_batches * batch * config["block_size"] / steady)}
+    return {"num_blocks": num_rows, "first_batch_seconds": round(first_batch - started, 3),
+            "tokens_per_second": round(num_batches * batch * block_size / steady)}
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     print(json.dumps(child(json.loads(sys.argv[1]))))

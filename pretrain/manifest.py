@@ -28,11 +28,12 @@ one block) did not fill a row and are not stored. Shard paths are relative to th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from common import InputError
+from pretrain.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -125,3 +126,12 @@ def _missing_or_mistyped(mapping, keys: dict, prefix: str) -> str | None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file (the manifest records the tokenizer.json it was packed with)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

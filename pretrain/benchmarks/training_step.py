@@ -7,14 +7,15 @@
     python Utilities/benchmark.py train --spec-file specs.yaml --find-micro-batch  # GPU: doubling; CPU: estimate
 
 Both variants start from the same initialization, see the same tokens and run at the spec's mixed_precision:
-  original  fp32 weights with autocast, foreach AdamW, the model's own loss (model(input_ids, labels=...)), eager,
-            batches copied from pageable memory;
-  ours      the spec's speed settings applied by pre-training.py's own functions (throughput.prepare_model,
-            build_optimizer, causal_lm_loss), batches copied from pinned memory without blocking.
+  original  the original loop's setup (pretrain/benchmarks/baselines.py): fp32 weights with autocast, foreach
+            AdamW, the model's own loss (model(input_ids, labels=...)), eager, batches copied from pageable memory;
+  ours      the spec's speed settings applied by pre-training.py's own functions (pretrain.model.prepare_model,
+            build_optimizer, pretrain.loss.causal_lm_loss), batches copied from pinned memory without blocking.
 Each runs --warmup-steps optimizer steps (compiling happens there), then --timed-steps timed ones of
 gradient_accumulation_steps micro-batches, with the spec's gradient clipping and no host sync inside the timed steps.
 One JSON line per variant (tokens/s, MFU and the peak it is measured against, peak memory, losses), then a "ratios"
-line. The synthetic tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
+line. Peak memory is torch's allocator peak on a GPU; on the CPU, the RSS of this process and its children (compile
+workers) sampled while the variant runs. The synthetic tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
 
 --find-micro-batch: on a GPU, doubles the micro-batch of `ours` from 1 until it runs out of memory (measured;
 with compile on, every new micro-batch compiles again: several minutes in all); on the CPU, estimates each
@@ -24,13 +25,14 @@ and the allocator change the real figure).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from pretrain.benchmarks import baselines
+from pretrain.benchmarks.measure import REPO, TreeMemorySampler
+from pretrain.errors import InputError
+
 VARIANTS = ("original", "ours")
 HEADROOM = 0.9  # the share of a GPU's memory an estimate may fill: the allocator fragments and CUDA holds some
 
@@ -56,11 +58,8 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     import torch
 
-    from common import InputError
-
     from specifications import load_spec
 
-    pre_training = load_pre_training()
     spec = load_spec(args.spec_file, args.overrides)
     if spec.extra.mixed_precision == "fp16":
         raise InputError("the benchmark runs bf16 or float32 (fp16 needs a gradient scaler it does not model); "
@@ -78,54 +77,43 @@ def run(args) -> None:
         raise InputError("--micro-batch, --gradient-accumulation-steps, --timed-steps and --max-micro-batch must be "
                          "at least 1, --warmup-steps at least 0")
     if args.find_micro_batch:
-        find_micro_batch(pre_training, spec, device, args)
+        find_micro_batch(spec, device, args)
         return
     results = {}
     for variant in [v for v in VARIANTS if v in variants]:  # original first: ours switches TF32 on for the process
-        results[variant] = measure(pre_training, spec, variant, device, micro_batch, accumulation, args)
+        results[variant] = measure(spec, variant, device, micro_batch, accumulation, args)
         print(json.dumps(results[variant]), flush=True)
     if len(results) == 2:
         print(json.dumps(ratios(results)), flush=True)
 
 
-def load_pre_training():
-    """pre-training.py as a module (its name has a hyphen)."""
-    module_spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def build(pre_training, spec, variant: str, device, seed: int):
+def build(spec, variant: str, device, seed: int):
     """The spec's model on `device` (same initialization for every variant), its optimizer and its loss function."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    import throughput
+    from pretrain.loss import causal_lm_loss
+    from pretrain.model import attention_implementation, build_optimizer, prepare_model
 
     quiet = lambda message: None  # noqa: E731 - the JSON lines are the output
-    config = model_config(pre_training, spec)
+    config = model_config(spec)
     torch.manual_seed(seed)
-    attention = pre_training.attention_implementation(spec.model.attn_implementation, quiet)
+    attention = attention_implementation(spec.model.attn_implementation, quiet)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(device)
     if variant == "original":
-        torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, which the original scripts kept
-        t = spec.training
-        groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_epsilon, foreach=True)
-        return model, optimizer, lambda m, input_ids: m(input_ids=input_ids, labels=input_ids).loss
-    throughput.prepare_model(model, spec.training, device, sharded=False, say=quiet)
-    return model, pre_training.build_optimizer(model, spec, device), pre_training.causal_lm_loss
+        return (model, *baselines.training_setup(model, spec))
+    prepare_model(model, spec.training, device, sharded=False, say=quiet)
+    return model, build_optimizer(model, spec, device), causal_lm_loss
 
 
-def model_config(pre_training, spec):
+def model_config(spec):
     """The model's config as pre-training.py builds it, with the special ids its tokenizers have."""
+    from pretrain.model import llama_config
+
     class SpecialIds:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
 
-    return pre_training.llama_config(spec, SpecialIds, spec.model.vocab_size)
+    return llama_config(spec, SpecialIds, spec.model.vocab_size)
 
 
 def synthetic_batches(vocab_size: int, micro_batch: int, block_size: int, count: int, seed: int, pin: bool):
@@ -163,12 +151,12 @@ def train_steps(model, optimizer, loss_fn, batches, steps: int, accumulation: in
     return losses
 
 
-def measure(pre_training, spec, variant: str, device, micro_batch: int, accumulation: int, args) -> dict:
+def measure(spec, variant: str, device, micro_batch: int, accumulation: int, args) -> dict:
     import torch
 
-    import throughput
+    from pretrain import telemetry
 
-    model, optimizer, loss_fn = build(pre_training, spec, variant, device, args.seed)
+    model, optimizer, loss_fn = build(spec, variant, device, args.seed)
     pinned = variant == "ours" and spec.training.dataloader_pin_memory and device.type == "cuda"
     batches = synthetic_batches(model.config.vocab_size, micro_batch, spec.data.block_size, 2 * accumulation,
                                 args.seed, pinned)
@@ -181,12 +169,12 @@ def measure(pre_training, spec, variant: str, device, micro_batch: int, accumula
         synchronize(device)
         seconds = time.perf_counter() - started
     tokens_per_second = args.timed_steps * accumulation * micro_batch * spec.data.block_size / seconds
-    peak, peak_source = throughput.peak_tflops(device, spec.training.mfu_peak_tflops)
-    flops = throughput.flops_per_token(model.config, spec.data.block_size)
-    mfu = throughput.model_flops_utilization(tokens_per_second, flops, peak, 1)
+    peak, peak_source = telemetry.peak_tflops(device, spec.training.mfu_peak_tflops)
+    flops = telemetry.flops_per_token(model.config, spec.data.block_size)
+    mfu = telemetry.model_flops_utilization(tokens_per_second, flops, peak, 1)
     result = {"benchmark": "train", "variant": variant, "spec": Path(args.spec_file).name, "device": device.type,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "parameters": throughput.parameter_count(model.config),
+              "torch": torch.__version__, "parameters": telemetry.parameter_count(model.config),
               "micro_batch": micro_batch, "gradient_accumulation_steps": accumulation,
               "block_size": spec.data.block_size, "mixed_precision": spec.extra.mixed_precision,
               "settings": settings_of(spec, variant, device), "warmup_steps": args.warmup_steps,
@@ -203,15 +191,14 @@ def measure(pre_training, spec, variant: str, device, micro_batch: int, accumula
 
 def settings_of(spec, variant: str, device) -> dict:
     """The speed settings in effect (TF32 and pinned copies exist only on CUDA)."""
-    import throughput
+    from pretrain.model import fused_adamw_supported
 
     cuda = device.type == "cuda"
     if variant == "original":
-        return {"compile_model": False, "fused_optimizer": False, "cross_entropy_chunk_tokens": None,
-                "allow_tf32": False, "pinned_non_blocking": False}
+        return dict(baselines.TRAINING_SETTINGS)
     t = spec.training
     return {"compile_model": t.compile_model, "fused_optimizer": t.fused_optimizer and
-            throughput.fused_adamw_supported(device), "cross_entropy_chunk_tokens": t.cross_entropy_chunk_tokens,
+            fused_adamw_supported(device), "cross_entropy_chunk_tokens": t.cross_entropy_chunk_tokens,
             "allow_tf32": t.allow_tf32 and cuda, "pinned_non_blocking": t.dataloader_pin_memory and cuda}
 
 
@@ -233,57 +220,46 @@ def synchronize(device) -> None:
 
 
 class PeakMemory:
-    """Peak memory while the block runs: the CUDA allocator's peak on a GPU, the process's sampled RSS on the CPU."""
+    """Peak memory while the block runs: the CUDA allocator's peak on a GPU (torch's own counter), the RSS of this
+    process and its children, sampled, on the CPU."""
 
     def __init__(self, device):
         self.device, self.peak_gib = device, None
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled"
-        self._stop, self._peak_bytes = threading.Event(), 0
+        self._sampler = None if device.type == "cuda" else TreeMemorySampler()
 
     def __enter__(self):
-        import torch
+        from pretrain.telemetry import device_memory_gib
 
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._sampler is None:
+            device_memory_gib(self.device, reset_peak=True)
         else:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._sampler.__enter__()
         return self
 
-    def _sample(self):
-        import psutil
-
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self._peak_bytes = max(self._peak_bytes, process.memory_info().rss)
-            self._stop.wait(0.02)
-
     def __exit__(self, *exc):
-        import torch
+        from pretrain.telemetry import device_memory_gib
 
-        if self.device.type == "cuda":
-            self._peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        if self._sampler is None:
+            self.peak_gib = device_memory_gib(self.device)["gpu_peak_memory_gib"]
         else:
-            self._stop.set()
-            self._thread.join()
-        self.peak_gib = round(self._peak_bytes / 1024 ** 3, 3)
+            self._sampler.__exit__(*exc)
+            self.peak_gib = round(self._sampler.peak_rss_bytes / 1024 ** 3, 3)
         return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # --find-micro-batch
 
-def find_micro_batch(pre_training, spec, device, args) -> None:
-    import throughput
+def find_micro_batch(spec, device, args) -> None:
+    from pretrain.benchmarks.micro_batch import find_largest_micro_batch
 
     report = micro_batch_reporter(spec, device, args)
     if device.type == "cuda":
-        largest = throughput.find_largest_micro_batch(cuda_trial(pre_training, spec, device, args),
-                                                      args.max_micro_batch, report)
+        largest = find_largest_micro_batch(cuda_trial(spec, device, args), args.max_micro_batch, report)
         method = "measured: doubling on this GPU until out of memory"
     else:
-        largest = throughput.find_largest_micro_batch(estimate_trial(pre_training, spec, args),
-                                                      args.max_micro_batch, report)
+        largest = find_largest_micro_batch(estimate_trial(spec, args), args.max_micro_batch, report)
         method = f"estimated for {args.memory_gib:g} GiB from the activations an eager forward pass saves on the CPU"
     print(json.dumps({"benchmark": "train", "variant": "largest_micro_batch", "spec": Path(args.spec_file).name,
                       "largest_micro_batch": largest, "method": method,
@@ -298,14 +274,14 @@ def micro_batch_reporter(spec, device, args):
     return report
 
 
-def cuda_trial(pre_training, spec, device, args):
+def cuda_trial(spec, device, args):
     """A trial runs two optimizer steps of `ours` at one micro-batch (the second with the optimizer's state), the
     model built once and reused; its seconds include compiling for the new shape."""
     built = {}
 
     def trial(micro_batch: int) -> dict:
         if not built:
-            built["model"], built["optimizer"], built["loss_fn"] = build(pre_training, spec, "ours", device, args.seed)
+            built["model"], built["optimizer"], built["loss_fn"] = build(spec, "ours", device, args.seed)
         model, optimizer = built["model"], built["optimizer"]
         batches = synthetic_batches(model.config.vocab_size, micro_batch, spec.data.block_size, 1, args.seed, False)
         started = time.perf_counter()
@@ -319,20 +295,20 @@ def cuda_trial(pre_training, spec, device, args):
     return trial
 
 
-def estimate_trial(pre_training, spec, args):
+def estimate_trial(spec, args):
     """A trial that estimates instead of running: fits when the estimate leaves HEADROOM of --memory-gib."""
     import torch
 
-    import throughput
+    from pretrain.benchmarks.micro_batch import activation_profile, estimated_memory_gib
 
-    config = model_config(pre_training, spec)
+    config = model_config(spec)
     chunk = spec.training.cross_entropy_chunk_tokens
     mixed = spec.extra.mixed_precision == "bf16"
-    profile = throughput.activation_profile(config, spec.data.block_size, chunk, torch.bfloat16 if mixed else None)
+    profile = activation_profile(config, spec.data.block_size, chunk, torch.bfloat16 if mixed else None)
     profile = {key: round(value, 1) for key, value in profile.items()}
 
     def trial(micro_batch: int) -> dict:
-        gib = throughput.estimated_memory_gib(config, profile, block_size=spec.data.block_size,
-                                              micro_batch=micro_batch, chunk_tokens=chunk, mixed_precision=mixed)
+        gib = estimated_memory_gib(config, profile, block_size=spec.data.block_size, micro_batch=micro_batch,
+                                   chunk_tokens=chunk, mixed_precision=mixed)
         return {"fits": gib <= HEADROOM * args.memory_gib, "estimated_peak_gib": round(gib, 4), **profile}
     return trial

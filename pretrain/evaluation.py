@@ -1,0 +1,38 @@
+"""Evaluation: the token-weighted loss and perplexity of a model over a whole tokenized test split.
+
+    result = evaluate(accelerator, model, test_split, batch_size=8)   # {"eval_loss", "perplexity", "eval_tokens"}
+
+pre-training.py reports it at every evaluation step and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.loss import causal_lm_token_losses
+from pretrain.tokenized_data import eval_batches
+
+def evaluate(accelerator, model, test_split, batch_size: int) -> dict:
+    """Loss as the mean over every token of the whole test split, each row counted once whatever the process count.
+
+    Every process runs the same number of batches (collective forwards under FSDP never wait on a finished one);
+    rows that only pad a batch weigh 0. Each process sums its weighted losses and token counts in float64 and the
+    sums are added across processes: the same exact result as gathering every row with gather_for_metrics, without
+    depending on where the padding falls.
+    """
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for input_ids, weight in eval_batches(test_split, batch_size=batch_size,
+                                              process_index=accelerator.process_index,
+                                              num_processes=accelerator.num_processes):
+            input_ids, weight = input_ids.to(accelerator.device), weight.to(accelerator.device)
+            losses = causal_lm_token_losses(model, input_ids)
+            totals[0] += (losses.double() * weight).sum()
+            totals[1] += weight.double().sum() * (input_ids.shape[1] - 1)
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    loss = float(totals[0] / totals[1])
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(totals[1])}

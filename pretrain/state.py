@@ -1,0 +1,51 @@
+"""What one training run holds: the state a checkpoint saves, and the objects the loop and its helpers share.
+
+The loop (training.py), checkpoints (checkpoints.py) and fault handling (faults.py) all take a `Run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import sys
+from pathlib import Path
+
+from pretrain.errors import EXIT_PREEMPTED
+
+@dataclass
+class TrainState:
+    """What a checkpoint must remember beyond the weights and the optimizer to continue exactly."""
+    step: int = 0
+    samples_consumed: int = 0        # data position; runs ahead of step x samples per step after a rollback
+    tokens_seen: int = 0
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    recent_losses: list = field(default_factory=list)
+    skipped_steps: int = 0           # optimizer steps whose non-finite loss or gradient was not applied
+    skipped_in_a_row: int = 0
+    rollbacks: int = 0
+
+
+@dataclass(eq=False)
+class Run:
+    """The objects one training run needs, passed around as one."""
+    spec: object                     # specifications.Spec
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    output_dir: Path
+    hub: object                      # hub.HubPusher, or None when not pushing
+    state: TrainState
+    tokens_per_step: int
+    samples: list = field(default_factory=list)
+    # The step_N folder a rollback returns to (the newest saved or resumed from), and the one never pruned.
+    last_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+    def stop(self, status: int, message: str):
+        """End the run on every process with `status`, after one message from the main process."""
+        if self.accelerator.is_main_process:
+            print(message, file=sys.stdout if status == EXIT_PREEMPTED else sys.stderr, flush=True)
+        self.accelerator.end_training()
+        raise SystemExit(status)

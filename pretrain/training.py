@@ -1,0 +1,483 @@
+"""The training loop: set-up (every check on bad input before any training), the loop itself, evaluation and
+samples during it, and the end of a run (final evaluation, checkpoint, plot, push).
+
+    run, train_split, test_split, max_steps = setup(spec)
+    fit(run, train_split, test_split, max_steps)
+    finish(run, test_split)
+
+Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), trains with AdamW and a
+warm-up schedule counted in optimizer steps, evaluates perplexity over the whole test split, samples text, writes
+resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`, and logs every
+`wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B when enabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pretrain import telemetry
+from pretrain.checkpoints import (check_free_space, read_train_state, remove_leftovers, resolve_resume,
+                                  save_checkpoint, truncate_metrics)
+from pretrain.errors import InputError
+from pretrain.evaluation import evaluate
+from pretrain.faults import StopSignals, agree_on_step, skip_step, stop_for_signal
+from pretrain.hub import open_model_repo
+from pretrain.loss import causal_lm_loss
+from pretrain.manifest import sha256_file
+from pretrain.model import (build_model, build_optimizer, build_scheduler, count_parameters, llama_config,
+                            load_tokenizer, prepare_model, reconcile_vocab_size, tokens_per_step)
+from pretrain.state import Run, TrainState
+
+if TYPE_CHECKING:
+    from specifications import Spec
+
+RECENT_LOSSES = 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: everything that can fail on bad input fails here, before any training.
+
+def setup(spec: Spec):
+    """Check every input, build the model, optimizer and schedule, resume if asked: (run, train, test, max_steps)."""
+    import torch
+    from accelerate.utils import DistributedType, set_seed
+
+    output_dir = check_output_dir(spec.training.output_dir)
+    hub = open_model_repo(spec) if spec.training.push_to_hub else None
+    tracking = tracking_enabled(spec)
+    accelerator = make_accelerator(spec, tracking)
+    say = accelerator.print
+    tokenizer = load_tokenizer(spec)
+    vocab_size = reconcile_vocab_size(spec, len(tokenizer), say)
+    train_split, test_split = open_data(spec, tokenizer, vocab_size)
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(spec, output_dir, say)
+
+    set_seed(spec.training.seed)
+    model = build_model(spec, tokenizer, vocab_size, say)
+    # Before prepare(), so the chunked loss and compile sit inside the forward that DDP and FSDP wrap.
+    prepare_model(model, spec.training, accelerator.device,
+                  sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
+    optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
+    max_steps = plan_max_steps(spec, train_split, accelerator.num_processes) if spec.training.do_train else 0
+    refuse_together(accelerator, lambda: check_free_space(output_dir, count_parameters(model), spec, max_steps, say))
+    scheduler = build_scheduler(optimizer, spec, max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "accelerate_state"))
+        state = read_train_state(resume_from)
+        say(f"resumed from {resume_from} at step {state.step}")
+    if accelerator.is_main_process:
+        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        truncate_metrics(output_dir / "samples.jsonl", state.step)
+    if tracking:
+        accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
+                                  init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
+    run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state,
+              tokens_per_step(spec, accelerator.num_processes), last_checkpoint=resume_from, resumed_from=resume_from)
+    return run, train_split, test_split, max_steps
+
+
+def refuse_together(accelerator, check):
+    """Run a start-up check on every process; if it fails on any, all of them stop with its message.
+
+    Processes may see different disks; one refusing alone would leave the others waiting forever at the next
+    collective operation.
+    """
+    problem = None
+    try:
+        check()
+    except InputError as error:
+        problem = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem is not None:
+        accelerator.end_training()
+        raise InputError(problem)
+
+
+def make_accelerator(spec: Spec, tracking: bool):
+    """The Accelerator for this launch; refuses a launch that accelerate would quietly run as something else."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    accelerator = Accelerator(mixed_precision=spec.extra.mixed_precision,
+                              gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
+                              log_with="wandb" if tracking else None, fsdp_plugin=fsdp2_plugin(spec))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    problem = None
+    if launched > 1 and accelerator.num_processes != launched:
+        # Without a GPU and without ACCELERATE_USE_CPU, accelerate gives every process a run of its own: each
+        # would train alone on its shard and all would write the same output_dir.
+        problem = (f"{launched} processes were launched but each sees only itself: there is no GPU; to train on the "
+                   f"CPU set ACCELERATE_USE_CPU=1 in the launcher's environment")
+    elif (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ
+          and parse_flag_from_env("ACCELERATE_USE_CPU")):
+        problem = ("'accelerate launch --cpu' starts a single process (several need its --mpirun_hostfile); for N "
+                   "processes on the CPU run: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+                   "pre-training.py ...")
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        problem = (f"an FSDP launch config was given but accelerate runs {accelerator.distributed_type.value} here: "
+                   f"accelerate shards with FSDP only on GPUs (and similar devices); on the CPU launch without the "
+                   f"FSDP config")
+    if problem is not None:
+        accelerator.end_training()  # a process leaving with its process group alive can abort instead of exiting 2
+        raise InputError(problem)
+    return accelerator
+
+
+def fsdp2_plugin(spec: Spec):
+    """For an FSDP2 launch in bf16 or fp16: weights gathered and used in that dtype, but gradients reduced in float32
+    and outputs left in the dtype they were computed in, as data parallel with autocast does. None otherwise, which
+    leaves everything to accelerate and the launch config."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.extra.mixed_precision)
+    if half is None or not parse_flag_from_env("ACCELERATE_USE_FSDP") or os.environ.get("FSDP_VERSION") != "2":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # accelerate's own policy reduces gradients in half precision and casts the model's outputs to it, so a loss
+    # computed inside the forward (the chunked loss) would be logged with three significant digits.
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=half,
+                                                                                      reduce_dtype=torch.float32))
+
+
+def check_output_dir(path: str) -> Path:
+    import platform
+
+    output_dir = Path(path)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Every process of every machine probes; on a shared folder, containers on two machines can share a pid.
+        probe = output_dir / f".write-probe-{platform.node()}-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write to training_args.output_dir '{output_dir}' ({error.strerror}); "
+                         f"choose a writable folder") from None
+    return output_dir
+
+
+def tracking_enabled(spec: Spec) -> bool:
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if not spec.extra.with_tracking or mode == "disabled":
+        return False
+    if spec.extra.wandb_token:
+        # wandb reads the key from the environment of this process only; it is never printed or saved.
+        os.environ["WANDB_API_KEY"] = spec.extra.wandb_token
+        return True
+    return bool(mode)
+
+
+def open_data(spec: Spec, tokenizer, vocab_size: int):
+    from pretrain.tokenized_data import open_tokenized_folder
+
+    tokenizer_file = Path(spec.model.tokenizer_name) / "tokenizer.json"
+    return open_tokenized_folder(
+        spec.data.folder_path, block_size=spec.data.block_size, vocab_size=vocab_size,
+        tokenizer_sha256=sha256_file(tokenizer_file) if tokenizer_file.is_file() else None,
+        sanity_check=spec.data.sanity_check, need_train=spec.training.do_train, need_test=spec.training.do_eval)
+
+
+def plan_max_steps(spec: Spec, train_split, num_processes: int) -> int:
+    """Optimizer steps for the run: `max_steps`, or as many whole steps as `num_train_epochs` epochs hold."""
+    t = spec.training
+    if t.max_steps is not None:
+        return t.max_steps
+    samples_per_step = t.per_device_train_batch_size * num_processes * t.gradient_accumulation_steps
+    steps = int(t.num_train_epochs * train_split.num_blocks // samples_per_step)
+    if steps < 1:
+        raise InputError(f"the train split has {train_split.num_blocks} blocks, fewer than one optimizer step needs "
+                         f"({samples_per_step}); lower the batch size or gradient_accumulation_steps, or set "
+                         f"training_args.max_steps")
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+def fit(run: Run, train_split, test_split, max_steps: int):
+    import torch
+    from tqdm.auto import tqdm
+
+    from pretrain.tokenized_data import TrainBatches
+
+    if max_steps:
+        run.accelerator.print(f"training {count_parameters(run.accelerator.unwrap_model(run.model)):,} parameters for "
+                              f"{max_steps} optimizer steps of {run.tokens_per_step:,} tokens on "
+                              f"{run.accelerator.num_processes} process(es)")
+
+    spec, accelerator, model, state = run.spec, run.accelerator, run.model, run.state
+    t, e = spec.training, spec.extra
+    batches = TrainBatches(train_split, micro_batch_size=t.per_device_train_batch_size,
+                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                           seed=t.seed, start_sample=state.samples_consumed,
+                           pin_memory=t.dataloader_pin_memory and torch.cuda.is_available())
+    samples_per_step = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    step_tokens = samples_per_step * spec.data.block_size
+    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    unit="step", dynamic_ncols=True)
+    # Losses stay on the device between logging steps: reading them is a host sync that stalls the GPU.
+    window_loss = torch.tensor(state.window_loss_sum, device=accelerator.device)
+    window_start, window_tokens = time.perf_counter(), 0
+    grad_norm = None
+    signals = StopSignals()
+    model.train()
+    try:
+        while state.step < max_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(t.gradient_accumulation_steps):
+                input_ids = next(batches).to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = causal_lm_loss(model, input_ids)
+                    accelerator.backward(loss)
+                    step_loss += loss.detach()
+                    if accelerator.sync_gradients:
+                        # Without clipping, an infinite threshold still returns the norm to check.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+                        # Deciding whether to apply the update reads two flags on the host: one sync per optimizer
+                        # step (and one tiny all-reduce across processes, which also carries the stop request).
+                        # Measured at 30-50 us a step on the CPU; on a GPU the host waits for the backward pass
+                        # before queuing the optimizer step, a bubble of a few kernel launches. Skipping on the
+                        # device instead needs a fused optimizer's found_inf or a copy of the weights.
+                        verdict = agree_on_step(accelerator, step_loss, norm, signals.received is not None)
+                        if verdict.apply_update:
+                            run.optimizer.step()
+                        run.optimizer.zero_grad(set_to_none=True)
+            # A skipped step still consumes its batches and advances the step and the schedule; only the
+            # weights and the optimizer's moments stay as they were.
+            run.scheduler.step()
+            state.step += 1
+            state.samples_consumed += samples_per_step
+            state.tokens_seen += step_tokens
+            window_tokens += step_tokens
+            progress.update(1)
+            if verdict.finite:
+                window_loss += step_loss / t.gradient_accumulation_steps
+                state.window_steps += 1
+                state.skipped_in_a_row = 0
+                grad_norm = norm
+            elif skip_step(run, write_metrics):  # past the limits it rolls back to the last checkpoint, or stops
+                window_loss.fill_(state.window_loss_sum)
+                progress.n = state.step
+                continue
+            if (state.step % e.wandb_log_steps == 0 or state.step == max_steps) and state.window_steps:
+                record = log_train_step(run, window_loss, grad_norm, window_tokens / (time.perf_counter()
+                                                                                        - window_start))
+                progress.set_postfix(telemetry.progress_postfix(record))
+                window_loss.zero_()
+                window_start, window_tokens = time.perf_counter(), 0
+            pause_started = time.perf_counter()  # evaluation, samples and checkpoints are not training time
+            if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
+                    and state.step < max_steps):
+                evaluate_and_log(run, test_split)
+            if e.sample_every and state.step % e.sample_every == 0:
+                sample_and_log(run)
+            if e.checkpointing_steps and state.step % e.checkpointing_steps == 0 and state.step < max_steps:
+                # Each process sums its own losses; the checkpoint keeps their mean, which is what the next
+                # logged loss averages, so every process resumes with the same, right share.
+                state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
+                folder = save_checkpoint(run, f"step_{state.step}")
+                push_checkpoint(run, folder, f"step-{state.step}")
+            if verdict.stop:
+                state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
+                stop_for_signal(run, signals)
+            window_start += time.perf_counter() - pause_started
+    finally:
+        batches.close()
+        progress.close()
+
+
+def log_train_step(run: Run, window_loss, grad_norm, tokens_per_second: float) -> dict:
+    state, accelerator = run.state, run.accelerator
+    mean_loss = accelerator.reduce(window_loss.detach().clone(), reduction="mean") / max(state.window_steps, 1)
+    record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": float(mean_loss),
+              "learning_rate": run.scheduler.get_last_lr()[0],
+              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "tokens_per_second": tokens_per_second,
+              **throughput_telemetry(run, tokens_per_second)}
+    state.recent_losses = (state.recent_losses + [record["loss"]])[-RECENT_LOSSES:]
+    state.window_steps = 0
+    state.window_loss_sum = 0.0
+    write_metrics(run, record)
+    return record
+
+
+def throughput_telemetry(run: Run, tokens_per_second: float) -> dict:
+    """MFU and GPU memory of the window just logged; reads host-side counters only, so adds no device sync."""
+    accelerator, spec = run.accelerator, run.spec
+    return telemetry.step_telemetry(accelerator.unwrap_model(run.model).config, block_size=spec.data.block_size,
+                                     tokens_per_second=tokens_per_second, num_processes=accelerator.num_processes,
+                                     device=accelerator.device, peak_override=spec.training.mfu_peak_tflops)
+
+
+def write_metrics(run: Run, record: dict):
+    if run.accelerator.is_main_process:
+        with open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if run.accelerator.trackers:
+        run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+
+def evaluate_and_log(run: Run, test_split) -> dict:
+    result = evaluate(run.accelerator, run.model, test_split, run.spec.training.per_device_eval_batch_size)
+    record = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, **result}
+    write_metrics(run, record)
+    run.accelerator.print(f"step {run.state.step}: eval loss {result['eval_loss']:.4f}, "
+                          f"perplexity {result['perplexity']:.2f}")
+    return result
+
+
+def sample_and_log(run: Run) -> str | None:
+    """Generate from one of the prompts on the main process (None on the others), then return to training mode.
+
+    Every process must call it: under FSDP no process holds the whole model, so all of them gather the weights
+    and the main process samples from a plain copy; otherwise the main process samples from its own replica.
+    """
+    import contextlib
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    spec, accelerator, step = run.spec, run.accelerator, run.state.step
+    if accelerator.distributed_type == DistributedType.FSDP:
+        model, autocast = gathered_model_copy(run), contextlib.nullcontext()
+    else:
+        model = accelerator.unwrap_model(run.model) if accelerator.is_main_process else None
+        autocast = accelerator.autocast()
+    if model is None:
+        return None
+    prompt = random.Random(spec.training.seed + step).choice(spec.extra.generation_seeds)
+    inputs = run.tokenizer(prompt, return_tensors="pt").to(model.device)
+    model.eval()
+    # A private RNG stream: sampling neither depends on nor disturbs the training's random state.
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast:
+        torch.manual_seed(spec.training.seed + step)
+        output = model.generate(**inputs, use_cache=True)
+    model.train()
+    text = run.tokenizer.decode(output[0], skip_special_tokens=True)
+    run.samples.append([step, prompt, text])
+    with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+    accelerator.print(f"step {step} sample: {text!r}")
+    if accelerator.trackers:
+        tracker = accelerator.get_tracker("wandb")
+        tracker.log_table("samples", columns=["step", "prompt", "text"], data=run.samples, step=step)
+    return text
+
+
+def gathered_model_copy(run: Run):
+    """The FSDP-sharded model as a plain copy in the main process's CPU memory; None on the other processes.
+
+    Every process must call it (gathering the shards is a collective). Sampling from the copy keeps generation off
+    the sharded model, whose every forward would be a collective that all processes must repeat in lockstep.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    accelerator = run.accelerator
+    state_dict = accelerator.get_state_dict(run.model)  # full tensors on the main process's CPU, empty elsewhere
+    if not accelerator.is_main_process:
+        return None
+    original = accelerator.unwrap_model(run.model)
+    with init_empty_weights():  # no time spent initialising weights that are replaced at once
+        copy = AutoModelForCausalLM.from_config(original.config)
+    copy.load_state_dict(state_dict, assign=True)
+    copy.tie_weights()
+    copy.generation_config = original.generation_config
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end of a run: final evaluation, checkpoint, plot, push
+
+def finish(run: Run, test_split):
+    accelerator = run.accelerator
+    result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
+    folder = save_checkpoint(run, "final-checkpoint")
+    if accelerator.is_main_process:
+        plot_losses(run.output_dir / "metrics.jsonl", run.output_dir / "loss.png")
+    push_checkpoint(run, folder, None)
+    if run.hub is not None:
+        run.hub.wait()
+    accelerator.end_training()
+    if result is not None:
+        accelerator.print(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    accelerator.print(f"final model: {folder}")
+
+
+def plot_losses(metrics_path: Path, image_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        if metrics_path.exists() else []
+    train = [(r["tokens_seen"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["tokens_seen"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
+        if points:
+            axes.plot(*zip(*points), style, label=label)
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=100)
+    plt.close(figure)
+
+
+def push_checkpoint(run: Run, folder: Path, branch: str | None):
+    if run.hub is not None and run.accelerator.is_main_process:
+        run.hub.push(folder, branch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dry-run
+
+def print_dry_run(spec: Spec):
+    """The resolved spec (secrets masked) and the plan, from the spec alone: no data read, nothing written."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class SpecialIds:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = llama_config(spec, SpecialIds, spec.model.vocab_size)
+    with torch.device("meta"):
+        parameters = count_parameters(AutoModelForCausalLM.from_config(config))
+    t = spec.training
+    steps = (f"{t.max_steps:,} optimizer steps" if t.max_steps is not None else
+             f"{t.num_train_epochs:g} epoch(s) of the train split (steps counted when the data is opened)")
+    print("# resolved spec (secrets masked)")
+    print(spec.to_yaml())
+    print("# plan")
+    print(f"parameters: {parameters:,} (vocabulary {spec.model.vocab_size:,}; the tokenizer's size is used if "
+          f"it differs)")
+    print(f"processes: {world_size}")
+    print(f"tokens per optimizer step: {tokens_per_step(spec, world_size):,} "
+          f"({t.per_device_train_batch_size} x {world_size} x {t.gradient_accumulation_steps} x "
+          f"{spec.data.block_size})")
+    print(f"steps: {steps}")
+    if t.max_steps is not None:
+        print(f"tokens: {t.max_steps * tokens_per_step(spec, world_size):,}")
