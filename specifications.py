@@ -6,9 +6,11 @@
 
 A spec file has the groups `model_args`, `data_args`, `training_args` and `extra_args`. Every problem found (unknown
 key, wrong type, bad value, fields that contradict each other) is reported in one message: `SpecError`, which the
-scripts print as one block and exit with status 2. Spec files written for the original TeenyTinyLlama scripts load
-unchanged: their spellings (`evaluation_strategy: "step"`, `torch_dtype: "bf16"`, `low_cpu_mem_usage: null`) are
-normalized here.
+scripts print as one block and exit with status 2. What works but is unusual or has no effect here (a warm-up longer
+than the run, a field kept only for older spec files) is no error: `spec.notes` holds it as one-line warnings, which
+pre-training.py prints at the start of a run and in --dry-run. Spec files written for the original TeenyTinyLlama
+scripts load unchanged: their spellings (`evaluation_strategy: "step"`, `torch_dtype: "bf16"`,
+`low_cpu_mem_usage: null`) are normalized here.
 
 The help text of every field is the one source of the field's documentation: `python specifications.py` prints
 the table README.md carries, and `python specifications.py --write-specs` rewrites the shipped spec files
@@ -44,8 +46,12 @@ ALIASES = {
     "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"},
     "mixed_precision": {"none": "no", "fp32": "no", "false": "no", "bfloat16": "bf16", "float16": "fp16"},
 }
+# transformers' get_scheduler names; not warmup_stable_decay, which needs the length of its decay phase, a value the
+# spec has no field for.
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+              "inverse_sqrt", "cosine_with_min_lr"]
+# The rate transformers' polynomial schedule decays to: a peak at or below it cannot decay.
+POLYNOMIAL_LR_END = 1e-7
 DEFAULT_PROMPTS = [
     "A capital do Brasil é",
     "Era uma vez uma menina que",
@@ -82,7 +88,7 @@ class ModelArguments:
     model_revision: str = spec_field("main", "Branch, tag or commit of `model_to_train` to load from the Hub.")
     trust_remote_code: bool = spec_field(False, "Allow models from the Hub to run their own code.")
     torch_dtype: str | None = spec_field(None, "Dtype to load a pretrained model in: auto, float32, float16 or bfloat16 (null: float32).", choices=["auto", "float32", "float16", "bfloat16"])
-    low_cpu_mem_usage: bool = spec_field(False, "Load a pretrained model without a full extra copy in CPU memory.")
+    low_cpu_mem_usage: bool = spec_field(False, "Kept for older spec files, no effect: transformers 5 always loads a pretrained model without a full extra copy in CPU memory (a run set to true says so).")
     use_cache: bool = spec_field(False, "Keep the key/value cache during the forward pass (useless in training; generation turns it on by itself).")
     attn_implementation: str = spec_field("sdpa", "Attention kernel: sdpa, eager or flash_attention_2 (falls back to sdpa when flash-attn or CUDA is missing).", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"])
 
@@ -93,8 +99,8 @@ class DataTrainingArguments:
     folder_path: str = spec_field("data/pt-corpus-tokenized", "Tokenized folder written by Utilities/tokenize-dataset.py: train/ and test/ of parquet files.")
     dataset_split: str = spec_field("train", "Split of `dataset_name` the corpus was made from (recorded with the checkpoints).")
     block_size: int = spec_field(2048, "Tokens per training sequence; must equal the tokenized folder's block size.", minimum=2)
-    overwrite_cache: bool = spec_field(False, "Kept for older spec files; the tokenized folders are read in place, so there is no cache.")
-    preprocessing_num_workers: int | None = spec_field(None, "Data-loader worker processes (null: none, the data is read in the training process).", minimum=0)
+    overwrite_cache: bool = spec_field(False, "Kept for older spec files, no effect: the tokenized folder is read in place, so there is no cache (a run set to true says so).")
+    preprocessing_num_workers: int | None = spec_field(None, "Kept for older spec files, no effect: each training process reads the tokenized folder with one background thread, and tokenizing is Utilities/tokenize-dataset.py's work (--num-proc); a run with a value says so.", minimum=0)
     sanity_check: bool = spec_field(False, "Train on the first 1,000 train and 100 test blocks only, to try a set-up quickly.")
 
 
@@ -115,7 +121,7 @@ class TrainingArguments:
     weight_decay: float = spec_field(0.01, "AdamW weight decay, applied to the 2-D weights only (not to biases or norms).", minimum=0)
     max_grad_norm: float | None = spec_field(1.0, "Clip the gradient norm to this value (null: no clipping).", exclusive_minimum=0)
     lr_scheduler_type: str = spec_field("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
-    warmup_steps: int = spec_field(1000, "Optimizer steps of linear warm-up.", minimum=0)
+    warmup_steps: int = spec_field(1000, "Optimizer steps of linear warm-up (longer than the run: the rate never reaches learning_rate, and a warning says how high it gets).", minimum=0)
     max_steps: int | None = spec_field(None, "Optimizer steps to train for; null: `num_train_epochs` epochs.", minimum=1)
     num_train_epochs: float = spec_field(1, "Passes over the train split when `max_steps` is null.", exclusive_minimum=0)
     gradient_checkpointing: bool = spec_field(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
@@ -145,6 +151,9 @@ class ExtraArguments:
     keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one and the one a run resumed from are always kept.", minimum=0)
     sample_every: int | None = spec_field(1000, "Optimizer steps between generated samples (null: never).", minimum=1)
     generation_seeds: list[str] = spec_field(DEFAULT_PROMPTS, "Prompts to sample from during training, one chosen at random each time.")
+    track_energy: bool = spec_field(True, "Measure energy and CO2 with CodeCarbon, offline, one tracker per machine: totals in metrics.jsonl, W&B, trainer_state.json and the final summary.")
+    energy_country_iso_code: str = spec_field("BRA", "Country whose electricity mix turns the measured kWh into CO2, as a 3-letter ISO code (BRA, USA, FRA, ...).")
+    energy_region: str | None = spec_field(None, "Region of that country with its own electricity mix in CodeCarbon (US states, Canadian provinces), e.g. california; null: the country's average.")
 
 
 GROUPS = {"model_args": ModelArguments, "data_args": DataTrainingArguments,
@@ -157,6 +166,9 @@ class Spec:
     data: DataTrainingArguments
     training: TrainingArguments
     extra: ExtraArguments
+    # One-line warnings about values that work but do not do what they may seem to; the scripts print them at the
+    # start of a run and in --dry-run. Not part of the spec itself: never saved.
+    notes: list[str] = field(default_factory=list)
 
     def groups(self) -> dict:
         return {"model_args": self.model, "data_args": self.data, "training_args": self.training,
@@ -204,7 +216,8 @@ def load_spec(path: str | os.PathLike | None, overrides: typing.Sequence[str] = 
         problems.append(f"{unknown}: unknown group{did_you_mean(str(unknown), GROUPS)}")
     spec = Spec(groups["model_args"], groups["data_args"], groups["training_args"], groups["extra_args"])
     fill_secrets(spec, os.environ if environ is None else environ)
-    problems.extend(cross_checks(spec))
+    refused, spec.notes = cross_checks(spec)
+    problems.extend(refused)
     if problems:
         raise SpecError(source, problems)
     return spec
@@ -360,10 +373,14 @@ def fill_secrets(spec: Spec, environ: typing.Mapping[str, str]) -> None:
         spec.extra.wandb_token = environ["WANDB_API_KEY"]
 
 
-def cross_checks(spec: Spec) -> list[str]:
-    """Checks that involve more than one field; every one that fails is reported."""
+def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
+    """Checks that involve more than one field, or a field this code cannot honour: (problems, notes).
+
+    A problem is what cannot work (the run would crash, or could not do what the spec asks), and stops the run; a
+    note is what works but is unusual or has no effect, and is printed at the start of the run and by --dry-run.
+    """
     m, d, t, e = spec.model, spec.data, spec.training, spec.extra
-    problems = []
+    problems, notes = [], []
     if m.hidden_size % m.num_attention_heads:
         problems.append(f"model_args.hidden_size ({m.hidden_size}) must be divisible by "
                         f"model_args.num_attention_heads ({m.num_attention_heads})")
@@ -371,16 +388,23 @@ def cross_checks(spec: Spec) -> list[str]:
         problems.append(f"model_args.num_attention_heads ({m.num_attention_heads}) must be divisible by "
                         f"model_args.num_key_value_heads ({m.num_key_value_heads})")
     if d.block_size > m.max_position_embeddings:
-        problems.append(f"data_args.block_size ({d.block_size}) is above model_args.max_position_embeddings "
-                        f"({m.max_position_embeddings}); lower block_size or raise max_position_embeddings")
+        # Rotary positions have no table to run past, so this trains; but the saved config claims less context.
+        notes.append(f"warning: data_args.block_size ({d.block_size}) is above model_args.max_position_embeddings "
+                     f"({m.max_position_embeddings}): the model trains on longer sequences than its config says it "
+                     f"handles; raise max_position_embeddings to block_size")
     if not t.do_train and not t.do_eval:
         problems.append("training_args.do_train and training_args.do_eval are both false: nothing to do")
     if t.do_eval and t.evaluation_strategy == "steps" and not t.eval_steps:
         problems.append("training_args.do_eval with evaluation_strategy 'steps' needs training_args.eval_steps "
                         "(or set evaluation_strategy: no to evaluate only at the end)")
-    if t.max_steps is not None and t.warmup_steps > t.max_steps:
-        problems.append(f"training_args.warmup_steps ({t.warmup_steps}) is above training_args.max_steps "
-                        f"({t.max_steps})")
+    if t.lr_scheduler_type == "polynomial" and t.learning_rate <= POLYNOMIAL_LR_END:
+        problems.append(f"training_args.learning_rate ({t.learning_rate:g}) must be above {POLYNOMIAL_LR_END:g}, the "
+                        f"rate the polynomial schedule decays to; raise it or choose another lr_scheduler_type")
+    elif t.lr_scheduler_type == "constant" and t.warmup_steps:
+        notes.append(f"warning: training_args.lr_scheduler_type 'constant' has no warm-up, so warmup_steps "
+                     f"({t.warmup_steps}) is not used; choose constant_with_warmup to warm up")
+    elif t.max_steps is not None and (note := warmup_note(spec, t.max_steps)):
+        notes.append(note)
     if t.push_to_hub and not t.hub_model_id:
         problems.append("training_args.push_to_hub needs training_args.hub_model_id (user/name)")
     if not m.train_from_scratch and not m.model_to_train:
@@ -390,7 +414,43 @@ def cross_checks(spec: Spec) -> list[str]:
         problems.append("extra_args.sample_every is set but extra_args.generation_seeds is empty")
     if t.adam_beta1 >= 1 or t.adam_beta2 >= 1:
         problems.append("training_args.adam_beta1 and adam_beta2 must be below 1")
-    return problems
+    # Accepted so that older spec files load, but nothing here can act on them.
+    if m.low_cpu_mem_usage:
+        notes.append("note: model_args.low_cpu_mem_usage has no effect: transformers 5 always loads a pretrained "
+                     "model without a full extra copy in CPU memory")
+    if d.overwrite_cache:
+        notes.append("note: data_args.overwrite_cache has no effect: the tokenized folder is read in place, so there "
+                     "is no cache to overwrite")
+    if d.preprocessing_num_workers is not None:
+        notes.append("note: data_args.preprocessing_num_workers has no effect: each training process reads the "
+                     "tokenized folder with one background thread, and tokenizing is done beforehand by "
+                     "Utilities/tokenize-dataset.py (its --num-proc)")
+    return problems, notes
+
+
+def warmup_note(spec: Spec, max_steps: int) -> str | None:
+    """The warning for a warm-up longer than a run of `max_steps` optimizer steps, with the highest rate any step
+    runs with, read from the schedule the run builds; None when the warm-up fits."""
+    t = spec.training
+    if t.warmup_steps <= max_steps:
+        return None
+    highest = max(step_learning_rates(spec, max_steps))
+    return (f"warning: training_args.warmup_steps ({t.warmup_steps}) is above the run's {max_steps} optimizer "
+            f"steps: the learning rate rises to at most {highest:.3g} by the last step, never to learning_rate "
+            f"({t.learning_rate:g}); lower warmup_steps to reach it")
+
+
+def step_learning_rates(spec: Spec, max_steps: int) -> list[float]:
+    """The learning rate each optimizer step 1..max_steps of a run of `spec` runs with."""
+    import torch
+
+    from pretrain.model import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=spec.training.learning_rate)
+    scheduler = build_scheduler(optimizer, spec, max_steps)
+    # transformers' schedules are LambdaLR: the factor of the scheduler's step s is the rate of optimizer step s+1.
+    factor = scheduler.lr_lambdas[0]
+    return [spec.training.learning_rate * factor(step) for step in range(max_steps)]
 
 
 def parse_cli(argv: typing.Sequence[str] | None, description: str):

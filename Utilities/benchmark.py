@@ -5,6 +5,7 @@
                                                      # tokenizer's own batch encode
     python Utilities/benchmark.py data --help        # reading tokenized folders: first step, disk, RSS, tokens/s
     python Utilities/benchmark.py train --help       # the training step: original-style loop vs ours
+    python Utilities/benchmark.py gpu --help         # every figure the GPU targets need, within 8 minutes
 
 Each prints one JSON line per variant measured, so results can be collected with `grep '^{'`. The benchmarks live
 in pretrain/benchmarks/ (the original approaches in baselines.py, the measuring in measure.py); BENCHMARKS.md has
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "tokenize": "pretrain.benchmarks.tokenization",
     "data": "pretrain.benchmarks.data_reading",
     "train": "pretrain.benchmarks.training_step",
+    "gpu": "pretrain.benchmarks.gpu",
 }
 
 

@@ -201,11 +201,15 @@ def _fresh_folder(folder: Path):
 
 
 def _write_model_and_state(run: Run, staging: Path, state_dict, name: str):
+    from pretrain.tokenizer_files import special_tokens_of, write_tokenizer_files
+
     accelerator = run.accelerator
     if accelerator.is_main_process:
         # Main process only: on the others save_pretrained would recreate the staging folder after its rename.
         accelerator.unwrap_model(run.model).save_pretrained(staging, state_dict=state_dict)
-        run.tokenizer.save_pretrained(staging)
+        # Not save_pretrained: transformers 5 writes a tokenizer class and loader arguments that 4.x cannot read.
+        write_tokenizer_files(staging, run.tokenizer.backend_tokenizer.to_str(), special_tokens_of(run.tokenizer),
+                              model_max_length=run.spec.data.block_size)
         (staging / "spec.yaml").write_text(run.spec.to_yaml(), encoding="utf-8")
         state = dict(run.state.__dict__, name=name, tokens_per_step=run.tokens_per_step)
         # Written last: latest_checkpoint() also asks for it, so a folder copied by hand half-way is not taken.

@@ -30,8 +30,12 @@ class StopSignals:
 
     def __init__(self):
         self.received = None
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._handle)
+        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """Put back the handlers that were there before, so code after the loop gets Ctrl-C as usual."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, number, frame):
         if self.received is not None:

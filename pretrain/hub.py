@@ -126,5 +126,5 @@ def open_model_repo(spec) -> HubPusher:
         api.create_repo(spec.training.hub_model_id, exist_ok=True)
     except Exception as error:
         raise InputError(f"could not create or reach Hub repository '{spec.training.hub_model_id}': "
-                         f"{str(error).splitlines()[0]}") from None
+                         f"{first_line(error)}") from None
     return HubPusher(api, spec.training.hub_model_id)

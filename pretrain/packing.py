@@ -1,8 +1,8 @@
 """Packing: documents tokenized as BOS + text + EOS, streamed in order into blocks of exactly `block_size`
 tokens, written as parquet shards of the train and test splits.
 
-    plan = plan_documents(document_bytes(dataset), args)
-    splits = tokenize_and_pack(dataset, tokenizer, plan, folder, args)   # the counts the manifest records
+    plan = plan_documents(corpus.document_bytes(), args, permute=corpus.random_access)
+    splits = tokenize_and_pack(corpus, tokenizer, plan, folder, args)   # the counts the manifest records
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pretrain.corpus import mapped_file_ranges, read_texts
 from pretrain.errors import InputError
 from pretrain.manifest import BOS_EOS_POLICY, MANIFEST_NAME, read_manifest
 from pretrain.tokenizer_folder import text_backend
@@ -33,7 +32,7 @@ BLOCK_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
 
 @dataclass
 class Plan:
-    order: np.ndarray             # dataset rows in the order they are tokenized; empty documents left out
+    order: np.ndarray             # corpus positions in the order they are tokenized; empty documents left out
     batch_edges: np.ndarray       # batch i is order[batch_edges[i]:batch_edges[i + 1]]
     test_documents: int | None    # the first this many documents form the test split, or …
     test_tokens: int | None       # … the first documents until the test split holds this many tokens
@@ -42,12 +41,16 @@ class Plan:
     text_bytes: int
 
 
-def plan_documents(byte_counts: np.ndarray, args) -> Plan:
-    """Order the documents, cut them into batches of ~BATCH_BYTES and decide where the test split ends."""
+def plan_documents(byte_counts: np.ndarray, args, permute: bool = True) -> Plan:
+    """Order the documents, cut them into batches of ~BATCH_BYTES and decide where the test split ends.
+
+    --shuffle permutes them with the seed; with `permute` False (a stream, which comes shuffled with the seed
+    already) they keep the corpus's order.
+    """
     order = np.flatnonzero(byte_counts)
     if not len(order):
         raise InputError(f"dataset '{args.dataset_name}' holds only empty documents; give one with text")
-    if args.shuffle:
+    if args.shuffle and permute:
         order = np.random.default_rng(args.seed).permutation(order)
     ends = np.cumsum(byte_counts[order])
     cuts = np.searchsorted(ends, np.arange(BATCH_BYTES, ends[-1], BATCH_BYTES), side="right")
@@ -166,13 +169,11 @@ def make_executor(tokenizer, num_proc: int):
     return executor, _encode_in_worker
 
 
-def encoded_batches(dataset, plan: Plan, executor, encode, in_flight: int):
+def encoded_batches(corpus, plan: Plan, executor, encode, in_flight: int):
     """Yield (stream, document_tokens) per batch in order, with a few batches always in flight."""
-    texts_by_row = dataset.with_format("arrow")
-    corpus_maps = mapped_file_ranges(".arrow")
     pending = deque()
-    for start, stop in zip(plan.batch_edges[:-1], plan.batch_edges[1:]):
-        pending.append(executor.submit(encode, read_texts(texts_by_row, plan.order[start:stop], corpus_maps)))
+    for texts in corpus.read_batches(plan.order, plan.batch_edges):
+        pending.append(executor.submit(encode, texts))
         if len(pending) >= in_flight:
             yield pending.popleft().result()
     while pending:
@@ -239,7 +240,7 @@ class SplitWriter:
         self.shard_blocks = 0
 
 
-def tokenize_and_pack(dataset, tokenizer, plan: Plan, folder: Path, args) -> dict:
+def tokenize_and_pack(corpus, tokenizer, plan: Plan, folder: Path, args) -> dict:
     """Stream every batch through the tokenizer into the test and train writers; return the splits' counts."""
     from tqdm import tqdm
 
@@ -248,7 +249,7 @@ def tokenize_and_pack(dataset, tokenizer, plan: Plan, folder: Path, args) -> dic
     executor, encode = make_executor(tokenizer, args.num_proc)
     progress = tqdm(total=plan.text_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
     try:
-        batches = encoded_batches(dataset, plan, executor, encode, in_flight=2 * args.num_proc + 2)
+        batches = encoded_batches(corpus, plan, executor, encode, in_flight=2 * args.num_proc + 2)
         for (stream, document_tokens), batch_bytes in zip(batches, plan.batch_bytes):
             to_test = test_share(plan, test.documents, test.tokens, document_tokens)
             cut = int(document_tokens[:to_test].sum())

@@ -23,6 +23,10 @@ class TrainState:
     skipped_steps: int = 0           # optimizer steps whose non-finite loss or gradient was not applied
     skipped_in_a_row: int = 0
     rollbacks: int = 0
+    # Totals of every run of this training (resumes included), all machines together; see energy.py.
+    energy_kwh: float = 0.0
+    co2_kg: float = 0.0
+    run_seconds: float = 0.0         # wall-clock from set-up to the last update, summed over the runs
 
 
 @dataclass(eq=False)
@@ -42,10 +46,14 @@ class Run:
     # The step_N folder a rollback returns to (the newest saved or resumed from), and the one never pruned.
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
+    max_steps: int = 0
+    energy: object = None            # energy.EnergyMeter
 
     def stop(self, status: int, message: str):
         """End the run on every process with `status`, after one message from the main process."""
         if self.accelerator.is_main_process:
             print(message, file=sys.stdout if status == EXIT_PREEMPTED else sys.stderr, flush=True)
+        if self.energy is not None:
+            self.energy.stop()
         self.accelerator.end_training()
         raise SystemExit(status)

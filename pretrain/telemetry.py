@@ -2,6 +2,7 @@
 
     step_telemetry(model.config, block_size=2048, tokens_per_second=3e5, num_processes=1, device=device,
                    peak_override=None)   # {"mfu": ..., "gpu_memory_gib": ..., "gpu_peak_memory_gib": ...}
+    flops_per_token(model.config, 2048, input_embedding=False)   # the other MFU convention (MFU_CONVENTIONS)
 
 BENCHMARKS.md ("Training throughput") has the figures.
 """
@@ -23,8 +24,19 @@ GPU_PEAK_BF16_TFLOPS = [
 ]
 
 
-def parameter_count(config) -> int | None:
-    """Parameters of a Llama-shaped causal LM from its config, always counting the output head (tied or not)."""
+# The two conventions MFU is reported in: the FLOPs per token counted as 6N + 12·L·d·T (L layers, d hidden size,
+# T block size) with N every parameter (ours), or N without the input embedding, a lookup rather than a matmul,
+# as nanoGPT and llm.c count N, so that figures compare with theirs (llm.c counts attention as 6·L·d·T).
+MFU_CONVENTIONS = {
+    "mfu": "6N + 12·L·d·T FLOPs per token, N = every parameter (the output head included)",
+    "mfu_without_input_embedding": "6N + 12·L·d·T FLOPs per token, N = every parameter but the input embedding "
+                                   "(as nanoGPT and llm.c count N)",
+}
+
+
+def parameter_count(config, input_embedding: bool = True) -> int | None:
+    """Parameters of a Llama-shaped causal LM from its config, always counting the output head (tied or not);
+    `input_embedding` False leaves out the vocab x d input embedding."""
     try:
         d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -36,12 +48,13 @@ def parameter_count(config) -> int | None:
     if getattr(config, "attention_bias", False):
         attention += (heads + 2 * kv_heads) * head_dim + d
     mlp = 3 * d * intermediate + (2 * intermediate + d if getattr(config, "mlp_bias", False) else 0)
-    return vocab * d * 2 + layers * (attention + mlp + 2 * d) + d
+    return vocab * d * (2 if input_embedding else 1) + layers * (attention + mlp + 2 * d) + d
 
 
-def flops_per_token(config, block_size: int) -> int | None:
-    """Training FLOPs per token: 6N for the matmuls forward and backward plus 12·L·d·T for attention scores."""
-    parameters = parameter_count(config)
+def flops_per_token(config, block_size: int, input_embedding: bool = True) -> int | None:
+    """Training FLOPs per token: 6N for the matmuls forward and backward plus 12·L·d·T for attention scores, N with
+    or without the input embedding (MFU_CONVENTIONS)."""
+    parameters = parameter_count(config, input_embedding)
     if parameters is None:
         return None
     return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * block_size

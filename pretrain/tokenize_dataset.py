@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from pretrain.corpus import document_bytes, load_text_dataset
+from pretrain.corpus import open_corpus
 from pretrain.errors import InputError
-from pretrain.hub import check_push_access, upload_dataset_folder
+from pretrain.hub import TEXT_SUFFIXES, check_push_access, upload_dataset_folder
 from pretrain.manifest import write_manifest
 from pretrain.packing import (SHARD_TOKENS, describe_request, output_state, plan_documents, report,
                               tokenize_and_pack)
@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle", type=parse_bool, default=True,
                         help="shuffle the documents: true/false, 1/0, yes/no (default: true)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the shuffle (default: 42)")
-    parser.add_argument("--output-dir", required=True, help="folder to write (train/, test/, manifest.json)")
+    parser.add_argument("--output-dir", default=None,
+                        help="folder to write (train/, test/, manifest.json); default: the dataset name without its "
+                             "file suffix + '-tokenized-' + the block size, e.g. nicholasKluge/Pt-Corpus-tokenized-2048, "
+                             "the name the original script pushed to the Hub")
     parser.add_argument("--num-proc", type=int, default=1,
                         help="tokenizer processes (default: 1, which already uses every core; more help on many cores)")
     parser.add_argument("--blocks-per-shard", type=int, default=None,
@@ -67,7 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                         help="also upload the finished folder as this Hub dataset repository")
     parser.add_argument("--token", default=None, help="Hugging Face token; never printed or saved (default: $HF_TOKEN)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = str(default_output_dir(args.dataset_name, args.block_size))
+    return args
+
+
+def default_output_dir(dataset_name: str, block_size: int) -> Path:
+    """`<dataset>-tokenized-<block size>`, as the original script named what it pushed to the Hub: beside a local
+    corpus (its file suffix dropped), or a relative folder named like the Hub repository."""
+    path = Path(dataset_name)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        path = path.with_suffix("")
+    return path.with_name(f"{path.name}-tokenized-{block_size}")
 
 
 def main(argv=None) -> None:
@@ -78,18 +95,18 @@ def main(argv=None) -> None:
         check_push_access(args.push_to_hub, token)
     started = time.perf_counter()
     tokenizer, tokenizer_record = load_tokenizer(args.tokenizer_name, token)
-    dataset = load_text_dataset(args.dataset_name, args.dataset_split, args.text_column, token=token,
-                                text_column_flag="--text-column")
-    plan = plan_documents(document_bytes(dataset), args)
-    request = describe_request(args, tokenizer, tokenizer_record, plan)
-    output_dir = Path(args.output_dir)
-    if output_state(output_dir, request, args.overwrite) == "done":
-        print(f"'{output_dir}' already holds this dataset; nothing to do (pass --overwrite to rebuild it)")
-    else:
-        with atomic_dir(output_dir, overwrite=output_dir.exists()) as folder:
-            splits = tokenize_and_pack(dataset, tokenizer, plan, folder, args)
-            write_manifest(folder, {**request, "splits": splits})
-        report(output_dir, splits, args, plan, time.perf_counter() - started)
+    with open_corpus(args.dataset_name, args.dataset_split, args.text_column, token, "--text-column",
+                     shuffle_seed=args.seed if args.shuffle else None) as corpus:
+        plan = plan_documents(corpus.document_bytes(), args, permute=corpus.random_access)
+        request = describe_request(args, tokenizer, tokenizer_record, plan)
+        output_dir = Path(args.output_dir)
+        if output_state(output_dir, request, args.overwrite) == "done":
+            print(f"'{output_dir}' already holds this dataset; nothing to do (pass --overwrite to rebuild it)")
+        else:
+            with atomic_dir(output_dir, overwrite=output_dir.exists()) as folder:
+                splits = tokenize_and_pack(corpus, tokenizer, plan, folder, args)
+                write_manifest(folder, {**request, "splits": splits})
+            report(output_dir, splits, args, plan, time.perf_counter() - started)
     if args.push_to_hub:
         upload_dataset_folder(output_dir, args.push_to_hub, token)
 

@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pretrain.errors import InputError
+from pretrain.errors import InputError, first_line
 from pretrain.manifest import read_manifest
 
 WINDOW_TOKENS = 1 << 24              # tokens shuffled together; 64 MiB per decoded window as int32
@@ -256,7 +256,7 @@ def _read_footers(files: list[Path], block_size: int, vocab_size: int) -> list[_
         try:
             metadata = pq.ParquetFile(path, memory_map=True).metadata
         except (pa.ArrowException, OSError) as error:
-            raise InputError(f"'{path}' is not a readable parquet file ({str(error).splitlines()[0]}); copy it "
+            raise InputError(f"'{path}' is not a readable parquet file ({first_line(error)}); copy it "
                              f"again or {RETOKENIZE}") from None
         leaf = _input_ids_leaf(path, metadata, block_size)
         for index in range(metadata.num_row_groups):

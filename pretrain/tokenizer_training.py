@@ -10,15 +10,11 @@ Ids: <unk>=0 <s>=1 </s>=2 <pad>=3, then the 256 byte tokens <0x00>..<0xFF>, then
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
+from itertools import chain, islice
 from pathlib import Path
 
-from pretrain.corpus import read_arrow_files
-from pretrain.errors import InputError
+from pretrain.errors import InputError, first_line
 from pretrain.hub import hub_reachable, looks_local
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -31,10 +27,7 @@ SPACE = "\u2581"  # "▁", sentencepiece's visible space
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_TOKENS) + 1
 MAX_ALPHABET = 1000
 HELD_OUT_DOCUMENTS = 1000
-# sys.path[0] is the working directory under -c: replaced, so a json.py lying there cannot shadow a real module.
-REPO = Path(__file__).resolve().parent.parent
-CORPUS_CHILD = "import sys; sys.path[0] = sys.argv[1]; from pretrain.corpus import text_corpus_child; " \
-               "text_corpus_child(sys.argv[2])"
+BATCH_DOCUMENTS = 1000     # texts handed to the trainer at a time
 # Cuts the normalized text into pieces and never changes it: words (with the run of "▁" before them, as
 # sentencepiece keeps it), single digits (Llama 2 splits every number into digits), and runs of "▁" or of other
 # whitespace (line breaks, tabs). Training needs it: a document is otherwise one "word" (slow, and merges cross
@@ -45,37 +38,6 @@ WORD_SPLIT = {"type": "Split", "pattern": {"Regex": f"{SPACE}*[^{SPACE}\\s\\d]+|
 # What must come back unchanged from decode(encode(text)); a reference whose settings fail this is refused.
 ROUND_TRIP_PROBE = ("  Ação, coração e pão: São Paulo à noite!\n\tdef f(x):\n        return x  # 42\n"
                     "R$ 12,50 — 3,5%   espaços 😀 汉字 ẞ Ω\n")
-
-
-def locate_corpus(args, scratch: Path) -> dict:
-    """The dataset as Arrow files to read with pyarrow and its number of documents, found by a child process.
-
-    Loading goes through the datasets library, whose imports (pandas, an HTTP stack: about 70 MB) would otherwise
-    stay in this process all through training, beside the trainer's table of words. The child exits once the
-    corpus is on disk as Arrow; the token reaches it through its environment, never its command line.
-    """
-    request = scratch / "request.json"
-    request.write_text(json.dumps({"name": args.dataset_name, "split": args.dataset_split,
-                                   "text_column": args.text_column, "scratch": str(scratch)}), encoding="utf-8")
-    environment = dict(os.environ, **({"HF_TOKEN": args.hub_token} if args.hub_token else {}))
-    child = subprocess.run([sys.executable, "-c", CORPUS_CHILD, str(REPO), str(request)], env=environment)
-    answer_file = scratch / "answer.json"
-    answer = json.loads(answer_file.read_text(encoding="utf-8")) if answer_file.is_file() else {}
-    if "error" in answer:
-        raise InputError(answer["error"])
-    if child.returncode != 0 or "files" not in answer:
-        how = f"killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0 else \
-            f"exit status {child.returncode}"
-        raise SystemExit(f"error: reading dataset '{args.dataset_name}' failed ({how}); see the messages above")
-    return answer
-
-
-def file_rows(corpus: dict, positions):
-    """The rows of the corpus files that hold the documents at sorted `positions` (the same rows, unless the
-    documents are a subset of the rows)."""
-    import numpy as np
-
-    return np.load(corpus["rows"], mmap_mode="r")[positions] if "rows" in corpus else positions
 
 
 def llama2_settings() -> dict:
@@ -124,8 +86,7 @@ def reference_settings(name: str | None, token: str | None) -> dict:
         try:
             file = Path(hf_hub_download(name, "tokenizer.json", token=token))
         except Exception as error:  # gated, missing, rate-limited...: the built-in settings serve the same purpose
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"note: could not read tokenizer.json of '{name}' from the Hub ({reason}); "
+            print(f"note: could not read tokenizer.json of '{name}' from the Hub ({first_line(error)}); "
                   f"using the built-in Llama 2 settings")
             return llama2_settings()
     try:
@@ -146,9 +107,69 @@ def choose_documents(num_rows: int, num_samples: int, seed: int):
     return np.sort(chosen[held_out:]), np.sort(chosen[:held_out])
 
 
-def training_batches(files: list[str], column: str, positions, totals: dict):
-    """Lists of at most BATCH_DOCUMENTS texts at `positions`, counted into `totals`; memory stays one batch."""
-    for texts in read_arrow_files(files, column, positions):
+def sample_documents(corpus, num_samples: int, seed: int):
+    """The documents of `corpus` to train on and to measure on: a PositionSample, or a StreamSample for a stream."""
+    return PositionSample(corpus, num_samples, seed) if corpus.random_access else StreamSample(corpus, num_samples)
+
+
+class PositionSample:
+    """The positions choose_documents draws with the seed; the training documents are read in file order."""
+
+    def __init__(self, corpus, num_samples: int, seed: int):
+        self.corpus = corpus
+        self.train_positions, self.held_out_positions = choose_documents(corpus.num_documents, num_samples, seed)
+        if len(self.train_positions) < num_samples:
+            note_fewer_documents(corpus.name, corpus.num_documents, num_samples, len(self.train_positions),
+                                 len(self.held_out_positions))
+
+    def training_texts(self):
+        import numpy as np
+
+        count = len(self.train_positions)
+        edges = np.append(np.arange(0, count, BATCH_DOCUMENTS), count)
+        return self.corpus.read_batches(self.train_positions, edges)
+
+    def measured_texts(self) -> tuple[list[str], bool]:
+        """The held-out documents, or the first training ones when there are too few to hold any out."""
+        held_out = bool(len(self.held_out_positions))
+        positions = self.held_out_positions if held_out else self.train_positions[:HELD_OUT_DOCUMENTS]
+        return [text or "" for text in self.corpus.texts(positions)], held_out
+
+
+class StreamSample:
+    """A stream, already shuffled with the seed: its first documents are held out, as many as choose_documents
+    holds out of a corpus of its size (known once 10 x HELD_OUT_DOCUMENTS are buffered, or the stream ends before),
+    and the next num_samples are trained on."""
+
+    def __init__(self, corpus, num_samples: int):
+        self.corpus, self.num_samples = corpus, num_samples
+        self.held_out, self.first_trained = [], []
+
+    def training_texts(self):
+        documents = self.corpus.documents()
+        head = list(islice(documents, 10 * HELD_OUT_DOCUMENTS))
+        held_out = min(HELD_OUT_DOCUMENTS, len(head) // 10)
+        self.held_out, self.first_trained = head[:held_out], head[held_out:held_out + HELD_OUT_DOCUMENTS]
+        training, trained = islice(chain(head[held_out:], documents), self.num_samples), 0
+        while batch := list(islice(training, BATCH_DOCUMENTS)):
+            trained += len(batch)
+            yield batch
+        if trained < self.num_samples:
+            note_fewer_documents(self.corpus.name, held_out + trained, self.num_samples, trained, held_out)
+
+    def measured_texts(self) -> tuple[list[str], bool]:
+        return [text or "" for text in self.held_out or self.first_trained], bool(self.held_out)
+
+
+def note_fewer_documents(name: str, documents: int, num_samples: int, trained: int, held_out: int) -> None:
+    held_out_note = f" and holding {held_out} out for the report" if held_out else ""
+    print(f"note: '{name}' has {documents} documents, fewer than --num_samples {num_samples}; training on "
+          f"{trained} of them{held_out_note}")
+
+
+def training_batches(batches, totals: dict):
+    """The non-empty texts of each batch, counted into `totals`; memory stays one batch."""
+    for texts in batches:
         texts = [text for text in texts if text]
         totals["documents"] += len(texts)
         totals["characters"] += sum(map(len, texts))
@@ -247,14 +268,15 @@ def measure(tokenizer, texts: list[str]) -> dict:
 
 
 def save(tokenizer, folder: Path) -> None:
-    """Write the folder AutoTokenizer loads, without importing transformers (tens of MB for two small files)."""
-    tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
-    # "PreTrainedTokenizerFast" rather than "LlamaTokenizerFast": transformers 5 rebuilds a Llama tokenizer with
-    # its own unsplit Metaspace pre-tokenizer, which drops one of two leading spaces and encodes more slowly; the
-    # generic class keeps tokenizer.json's pipeline. BOS/EOS are decided by tokenizer.json's post-processor.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": BOS,
-              "eos_token": EOS, "pad_token": "<pad>", "padding_side": "right", "clean_up_tokenization_spaces": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    """Write the folder AutoTokenizer, sentencepiece and llama.cpp load, without importing transformers (tens of MB
+    for a few small files)."""
+    from pretrain.tokenizer_files import write_tokenizer_files
+
+    special_tokens = dict(zip(("unk_token", "bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS))
+    skipped = write_tokenizer_files(folder, tokenizer.to_str(), special_tokens)
+    if skipped:
+        print(f"note: no tokenizer.model written: sentencepiece cannot encode as this tokenizer does ({skipped}); "
+              f"transformers needs only tokenizer.json")
 
 
 def print_summary(report: dict, output_dir: str) -> None:

@@ -10,16 +10,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from pretrain.corpus import open_corpus
 from pretrain.errors import InputError
 from pretrain.publish import atomic_dir
-from pretrain.tokenizer_training import (BYTE_TOKENS, HELD_OUT_DOCUMENTS, MIN_VOCAB_SIZE, SPACE, SPECIAL_TOKENS,
-                                         check_round_trip, choose_documents, file_rows, locate_corpus, measure,
-                                         print_summary, reference_settings, save, train, training_batches)
-from pretrain.corpus import read_arrow_files
+from pretrain.tokenizer_training import (BYTE_TOKENS, MIN_VOCAB_SIZE, SPACE, SPECIAL_TOKENS, check_round_trip,
+                                         measure, print_summary, reference_settings, sample_documents, save, train,
+                                         training_batches)
 
 
 def parse_args(argv=None):
@@ -58,34 +57,25 @@ def main(argv=None):
     args = parse_args(argv)
     validate(args)
     settings = reference_settings(args.reference_tokenizer, args.hub_token)
-    with tempfile.TemporaryDirectory(prefix="train-sentencepiece-") as scratch:
-        corpus = locate_corpus(args, Path(scratch))
-        files, num_rows = corpus["files"], corpus["num_rows"]
-        train_positions, held_out_positions = choose_documents(num_rows, args.num_samples, args.seed)
-        if len(train_positions) < args.num_samples:
-            held_out = f" and holding {len(held_out_positions)} out for the report" if len(held_out_positions) else ""
-            print(f"note: '{args.dataset_name}' has {num_rows} documents, fewer than --num_samples "
-                  f"{args.num_samples}; training on {len(train_positions)} of them{held_out}")
+    with open_corpus(args.dataset_name, args.dataset_split, args.text_column, args.hub_token, "--text_column",
+                     shuffle_seed=args.seed) as corpus:
+        sample = sample_documents(corpus, args.num_samples, args.seed)
         totals = {"documents": 0, "characters": 0}
         training_started = time.perf_counter()
-        tokenizer = train(settings, training_batches(files, args.text_column, file_rows(corpus, train_positions),
-                                                     totals),
-                          args.vocab_size, show_progress=sys.stderr.isatty())
+        tokenizer = train(settings, training_batches(sample.training_texts(), totals), args.vocab_size,
+                          show_progress=sys.stderr.isatty())
         training_seconds = time.perf_counter() - training_started
         if totals["characters"] == 0:
             raise InputError(f"column '{args.text_column}' of '{args.dataset_name}' holds no text; give documents "
                              f"that are not empty")
         check_round_trip(tokenizer, settings)
-        evaluated_on = held_out_positions if len(held_out_positions) else train_positions[:HELD_OUT_DOCUMENTS]
-        measured_texts = [text or "" for batch in read_arrow_files(files, args.text_column,
-                                                                   file_rows(corpus, evaluated_on))
-                          for text in batch]
+        measured_texts, on_held_out = sample.measured_texts()
     report = {
         "dataset_name": args.dataset_name, "dataset_split": args.dataset_split, "text_column": args.text_column,
         "seed": args.seed, "settings_from": settings["source"],
         "vocab_size_requested": args.vocab_size, "vocab_size": tokenizer.get_vocab_size(),
         "documents_trained": totals["documents"], "characters_trained": totals["characters"],
-        "documents_measured": len(evaluated_on), "measured_on_held_out": bool(len(held_out_positions)),
+        "documents_measured": len(measured_texts), "measured_on_held_out": on_held_out,
         **measure(tokenizer, measured_texts),
         "seconds_training": round(training_seconds, 3),
     }

@@ -13,6 +13,7 @@ resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,9 +22,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pretrain import telemetry
+from pretrain import compute_plan, telemetry
 from pretrain.checkpoints import (check_free_space, read_train_state, remove_leftovers, resolve_resume,
                                   save_checkpoint, truncate_metrics)
+from pretrain.energy import start_energy_meter
 from pretrain.errors import InputError
 from pretrain.evaluation import evaluate
 from pretrain.faults import StopSignals, agree_on_step, skip_step, stop_for_signal
@@ -48,27 +50,42 @@ def setup(spec: Spec):
     import torch
     from accelerate.utils import DistributedType, set_seed
 
-    output_dir = check_output_dir(spec.training.output_dir)
-    hub = open_model_repo(spec) if spec.training.push_to_hub else None
+    from specifications import warmup_note
+
     tracking = tracking_enabled(spec)
     accelerator = make_accelerator(spec, tracking)
     say = accelerator.print
-    tokenizer = load_tokenizer(spec)
+    for note in spec.notes:
+        say(note)
+    # Every input is checked before anything is written, so a refused run leaves nothing behind, not even output_dir.
+    tokenizer = refuse_together(accelerator, lambda: load_tokenizer(spec))
     vocab_size = reconcile_vocab_size(spec, len(tokenizer), say)
-    train_split, test_split = open_data(spec, tokenizer, vocab_size)
-    if accelerator.is_main_process:
-        remove_leftovers(output_dir)
-    accelerator.wait_for_everyone()
-    resume_from = resolve_resume(spec, output_dir, say)
+    train_split, test_split = refuse_together(accelerator, lambda: open_data(spec, tokenizer, vocab_size))
+    output_dir, resume = Path(spec.training.output_dir), spec.training.resume_from_checkpoint
+    resume_from = refuse_together(accelerator, lambda: resolve_resume(spec, output_dir, say)) \
+        if resume != "latest" else None
 
     set_seed(spec.training.seed)
-    model = build_model(spec, tokenizer, vocab_size, say)
+    model = refuse_together(accelerator, lambda: build_model(spec, tokenizer, vocab_size, say))
     # Before prepare(), so the chunked loss and compile sit inside the forward that DDP and FSDP wrap.
     prepare_model(model, spec.training, accelerator.device,
                   sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
     optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
-    max_steps = plan_max_steps(spec, train_split, accelerator.num_processes) if spec.training.do_train else 0
-    refuse_together(accelerator, lambda: check_free_space(output_dir, count_parameters(model), spec, max_steps, say))
+    max_steps = refuse_together(accelerator, lambda: plan_max_steps(spec, train_split, accelerator.num_processes)) \
+        if spec.training.do_train else 0
+    if spec.training.do_train and spec.training.max_steps is None and (note := warmup_note(spec, max_steps)):
+        say(note)  # with max_steps set, loading the spec found it already
+    created = refuse_together(accelerator, lambda: check_output_dir(output_dir))
+    undo = functools.partial(remove_created, output_dir, created)
+    refuse_together(accelerator, lambda: check_free_space(output_dir, count_parameters(model), spec, max_steps, say),
+                    undo=undo)
+    # Last, so that nothing is created on the Hub for a run refused here.
+    hub = refuse_together(accelerator, lambda: open_model_repo(spec), undo=undo) if spec.training.push_to_hub else None
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)
+    accelerator.wait_for_everyone()
+    if resume == "latest":  # looked up once the leftovers are tidied: one may be a checkpoint put back in place
+        resume_from = resolve_resume(spec, output_dir, say)
     scheduler = build_scheduler(optimizer, spec, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
@@ -85,20 +102,24 @@ def setup(spec: Spec):
     if tracking:
         accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
                                   init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
+    # After every refusal, so a refused run writes no emissions file; each machine's tracker speaks for itself.
+    energy = start_energy_meter(spec, accelerator, output_dir, state, resume_from, say=print)
     run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state,
-              tokens_per_step(spec, accelerator.num_processes), last_checkpoint=resume_from, resumed_from=resume_from)
+              tokens_per_step(spec, accelerator.num_processes), last_checkpoint=resume_from, resumed_from=resume_from,
+              max_steps=max_steps, energy=energy)
     return run, train_split, test_split, max_steps
 
 
-def refuse_together(accelerator, check):
-    """Run a start-up check on every process; if it fails on any, all of them stop with its message.
+def refuse_together(accelerator, check, undo=None):
+    """Run a start-up check on every process and return its result; if it fails on any, all of them stop with its
+    message, each first calling `undo` (when given) to take back what it did.
 
     Processes may see different disks; one refusing alone would leave the others waiting forever at the next
     collective operation.
     """
-    problem = None
+    problem, result = None, None
     try:
-        check()
+        result = check()
     except InputError as error:
         problem = str(error)
     if accelerator.num_processes > 1:
@@ -106,8 +127,11 @@ def refuse_together(accelerator, check):
 
         problem = next((p for p in gather_object([problem]) if p), None)
     if problem is not None:
+        if undo is not None:
+            undo()
         accelerator.end_training()
         raise InputError(problem)
+    return result
 
 
 def make_accelerator(spec: Spec, tracking: bool):
@@ -158,10 +182,11 @@ def fsdp2_plugin(spec: Spec):
                                                                                       reduce_dtype=torch.float32))
 
 
-def check_output_dir(path: str) -> Path:
+def check_output_dir(output_dir: Path) -> Path | None:
+    """Make output_dir and check that it can be written; return the topmost folder this made (None: it existed)."""
     import platform
 
-    output_dir = Path(path)
+    created = next((folder for folder in [*reversed(output_dir.parents), output_dir] if not folder.exists()), None)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         # Every process of every machine probes; on a shared folder, containers on two machines can share a pid.
@@ -169,9 +194,24 @@ def check_output_dir(path: str) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
+        remove_created(output_dir, created)
         raise InputError(f"cannot write to training_args.output_dir '{output_dir}' ({error.strerror}); "
                          f"choose a writable folder") from None
-    return output_dir
+    return created
+
+
+def remove_created(output_dir: Path, created: Path | None):
+    """Remove the folders check_output_dir made, output_dir up to `created`, while they are empty; a folder that
+    existed before, or that something else wrote into meanwhile, stays."""
+    if created is None:
+        return
+    for folder in [output_dir, *output_dir.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
 def tracking_enabled(spec: Spec) -> bool:
@@ -261,7 +301,8 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                             run.optimizer.step()
                         run.optimizer.zero_grad(set_to_none=True)
             # A skipped step still consumes its batches and advances the step and the schedule; only the
-            # weights and the optimizer's moments stay as they were.
+            # weights and the optimizer's moments stay as they were. The rate logged is the one this step ran with.
+            learning_rate = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
             state.step += 1
             state.samples_consumed += samples_per_step
@@ -278,8 +319,8 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                 progress.n = state.step
                 continue
             if (state.step % e.wandb_log_steps == 0 or state.step == max_steps) and state.window_steps:
-                record = log_train_step(run, window_loss, grad_norm, window_tokens / (time.perf_counter()
-                                                                                        - window_start))
+                record = log_train_step(run, window_loss, grad_norm, learning_rate,
+                                        window_tokens / (time.perf_counter() - window_start))
                 progress.set_postfix(telemetry.progress_postfix(record))
                 window_loss.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
@@ -293,25 +334,26 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                 # Each process sums its own losses; the checkpoint keeps their mean, which is what the next
                 # logged loss averages, so every process resumes with the same, right share.
                 state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
-                folder = save_checkpoint(run, f"step_{state.step}")
-                push_checkpoint(run, folder, f"step-{state.step}")
+                checkpoint(run, f"step_{state.step}", f"step-{state.step}")
             if verdict.stop:
                 state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
+                run.energy.update(state)  # every process: the checkpoint it saves carries the totals
                 stop_for_signal(run, signals)
             window_start += time.perf_counter() - pause_started
     finally:
+        signals.restore()
         batches.close()
         progress.close()
 
 
-def log_train_step(run: Run, window_loss, grad_norm, tokens_per_second: float) -> dict:
+def log_train_step(run: Run, window_loss, grad_norm, learning_rate: float, tokens_per_second: float) -> dict:
     state, accelerator = run.state, run.accelerator
     mean_loss = accelerator.reduce(window_loss.detach().clone(), reduction="mean") / max(state.window_steps, 1)
     record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": float(mean_loss),
-              "learning_rate": run.scheduler.get_last_lr()[0],
+              "learning_rate": learning_rate,
               "grad_norm": float(grad_norm) if grad_norm is not None else None,
               "tokens_per_second": tokens_per_second,
-              **throughput_telemetry(run, tokens_per_second)}
+              **throughput_telemetry(run, tokens_per_second), **run.energy.update(state)}
     state.recent_losses = (state.recent_losses + [record["loss"]])[-RECENT_LOSSES:]
     state.window_steps = 0
     state.window_loss_sum = 0.0
@@ -411,16 +453,25 @@ def gathered_model_copy(run: Run):
 def finish(run: Run, test_split):
     accelerator = run.accelerator
     result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
-    folder = save_checkpoint(run, "final-checkpoint")
+    folder = checkpoint(run, "final-checkpoint", None)
     if accelerator.is_main_process:
         plot_losses(run.output_dir / "metrics.jsonl", run.output_dir / "loss.png")
-    push_checkpoint(run, folder, None)
     if run.hub is not None:
         run.hub.wait()
+    run.energy.stop()
     accelerator.end_training()
     if result is not None:
         accelerator.print(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['perplexity']:.2f}")
     accelerator.print(f"final model: {folder}")
+    accelerator.print("\n".join(plan_and_result(run, result)))
+
+
+def plan_and_result(run: Run, result: dict | None) -> list[str]:
+    """The end-of-run summary: what was planned beside what happened."""
+    config = run.accelerator.unwrap_model(run.model).config
+    plan = compute_plan.plan_for_config(config, run.spec.data.block_size, run.max_steps * run.tokens_per_step or None)
+    return compute_plan.result_lines(plan, run.state, result["eval_loss"] if result else None,
+                                     run.energy.machines if run.energy.enabled else None)
 
 
 def plot_losses(metrics_path: Path, image_path: Path):
@@ -444,6 +495,16 @@ def plot_losses(metrics_path: Path, image_path: Path):
     figure.tight_layout()
     figure.savefig(image_path, dpi=100)
     plt.close(figure)
+
+
+def checkpoint(run: Run, name: str, branch: str | None) -> Path:
+    """Save output_dir/<name>/ with the energy totals up to now and the trackers' CSVs, then push it. Every process
+    calls it."""
+    run.energy.update(run.state)
+    folder = save_checkpoint(run, name)
+    run.energy.copy_into(folder)
+    push_checkpoint(run, folder, branch)
+    return folder
 
 
 def push_checkpoint(run: Run, folder: Path, branch: str | None):
@@ -471,6 +532,8 @@ def print_dry_run(spec: Spec):
              f"{t.num_train_epochs:g} epoch(s) of the train split (steps counted when the data is opened)")
     print("# resolved spec (secrets masked)")
     print(spec.to_yaml())
+    for note in spec.notes:
+        print(note)
     print("# plan")
     print(f"parameters: {parameters:,} (vocabulary {spec.model.vocab_size:,}; the tokenizer's size is used if "
           f"it differs)")
@@ -481,3 +544,4 @@ def print_dry_run(spec: Spec):
     print(f"steps: {steps}")
     if t.max_steps is not None:
         print(f"tokens: {t.max_steps * tokens_per_step(spec, world_size):,}")
+    print("\n".join(compute_plan.plan_lines(compute_plan.plan_for_spec(spec, world_size))))

@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "pt-sample.jsonl"
 TEST_VOCAB_SIZE = 1024
 TEST_BLOCK_SIZE = 128
-# The tiny Llama the training tests share: 2 layers, hidden 64, grouped-query attention, on the sample's blocks.
+# The tiny Llama the training tests share: 2 layers, hidden 64, grouped-query attention, on the sample's blocks;
+# energy tracking off, since CodeCarbon takes seconds to start (the tests about energy turn it back on).
 TINY_MODEL = ["model_args.hidden_size=64", "model_args.intermediate_size=128", "model_args.num_hidden_layers=2",
               "model_args.num_attention_heads=4", "model_args.num_key_value_heads=2",
               f"model_args.max_position_embeddings={TEST_BLOCK_SIZE}", f"model_args.vocab_size={TEST_VOCAB_SIZE}",
-              f"data_args.block_size={TEST_BLOCK_SIZE}"]
+              f"data_args.block_size={TEST_BLOCK_SIZE}", "extra_args.track_energy=false"]
 
 # No test may reach the network: the Hub is "unreachable" and trackers stay offline.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -63,6 +64,43 @@ def sample_tokenized(tmp_path_factory, sample_tokenizer):
     run_script("Utilities/tokenize-dataset.py", "--dataset-name", SAMPLE, "--tokenizer-name", sample_tokenizer,
                "--block-size", TEST_BLOCK_SIZE, "--test-size", 0.1, "--output-dir", out, check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, sample_tokenizer, sample_tokenized):
+    """final-checkpoint/ of a 2-step pre-training.py run of the tiny Llama on the tokenized sample."""
+    out = tmp_path_factory.mktemp("checkpoint") / "out"
+    run_script("pre-training.py", "--spec-file", "specs-tiny.yaml", *TINY_MODEL,
+               f"model_args.tokenizer_name={sample_tokenizer}", f"data_args.folder_path={sample_tokenized}",
+               f"training_args.output_dir={out}", "training_args.max_steps=2", "training_args.do_eval=false",
+               check=True)
+    return out / "final-checkpoint"
+
+
+# Texts whose ids every form of the tokenizer must agree on, beside the sample's own: spaces, tabs, line breaks,
+# digits, emoji, characters never seen in training. None spells a special token ("<s>"), which transformers
+# reads as that token and sentencepiece and llama.cpp read as text.
+EDGE_TEXTS = ["", " ", "  ", "   três espaços antes", " leading", "trailing ", "a  b   c    d", "\t",
+              "\ttab\tdentro\t", "tab\t\t\tvárias", "\n", "\n\n\n", "linha\r\nnova\r\n", " \n ", "a \n b",
+              "  \n\n  x", "2024", "R$ 1.234.567,89", "3,14159 e 0,5%", "x1y22z333", "😀", "emoji 😉😀🎉 no meio",
+              "汉字 ẞ Ω ﷽", "e\u0301 ǅ", "\u00a0não-separável\u00a0", "\u3000ideográfico", "zero\u200blargura",
+              "<0x41> parece um byte", "a" * 300, "ab" * 100, " " * 40 + "x", "\x00\x01 controle",
+              "\u2581 espaço visível"]
+
+
+def tokenizer_test_texts():
+    """Over 1,000 texts: the sample's documents, their paragraphs and sentences, variations of every fourth
+    sentence (upper case, leading and doubled spaces, tabs, line breaks and numbers), and EDGE_TEXTS."""
+    import re
+
+    documents = read_sample_texts()
+    paragraphs = [p for document in documents for p in document.split("\n") if p.strip()]
+    sentences = [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+", p) if s.strip()]
+    varied = []
+    for i, sentence in enumerate(sentences[::4]):
+        varied += [sentence.upper(), "  " + sentence, sentence.replace(" ", "  "), sentence.replace(" ", "\t", 2),
+                   f"{sentence}\n\n{i * 37}"]
+    return documents + paragraphs + sentences + varied + EDGE_TEXTS
 
 
 def tiny_llama(vocab_size=256, tie=False):
@@ -135,11 +173,7 @@ class FakeHub:
     def hf_hub_download(self, *args, **kwargs) -> str:
         arguments = self._record("hf_hub_download", None, self.bind("hf_hub_download", *args, **kwargs))
         repo_id, filename = arguments["repo_id"], arguments["filename"]
-        source = self._repo(repo_id) / filename
-        if not source.is_file():
-            raise OSError(f"404 Client Error. Entry Not Found for url: https://huggingface.co/{repo_id}/resolve/main/"
-                          f"{filename}")
-        target = self.cache / repo_id / filename
+        source, target = self._repo(repo_id) / filename, self.cache / repo_id / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         return str(target)

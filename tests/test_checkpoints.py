@@ -124,27 +124,36 @@ def test_a_folder_that_cannot_hold_one_checkpoint_is_refused(tmp_path, free_byte
     assert asked == [tmp_path]
 
 
-@pytest.mark.parametrize("every, keep, max_steps, kept", [
-    (4, None, 12, 2),       # step_4 and step_8 stay beside the final one
-    (4, 1, 12, 1),          # keep_last_checkpoints bounds it
-    (4, 0, 12, 2),          # 0 keeps them all
-    (None, None, 12, 0),    # only the final checkpoint
-    (5, None, None, 0),     # no max_steps: nothing to count ahead
+@pytest.mark.parametrize("every, keep, kept", [
+    (4, None, 2),       # step_4 and step_8 stay beside the final one
+    (4, 1, 1),          # keep_last_checkpoints bounds it
+    (4, 0, 2),          # 0 keeps them all
 ])
-def test_a_folder_that_cannot_hold_what_the_run_keeps_is_a_warning(tmp_path, free_bytes, every, keep, max_steps,
-                                                                  kept):
-    one = 100 * MiB * checkpoints.CHECKPOINT_BYTES_PER_PARAMETER // 16
-    said = []
+def test_a_folder_that_cannot_hold_what_the_run_keeps_is_a_warning(tmp_path, free_bytes, every, keep, kept):
+    parameters = 100 * MiB // checkpoints.CHECKPOINT_BYTES_PER_PARAMETER
+    one, said = 100 * MiB, []
     free_bytes((kept + 1) * one - 1)
-    checkpoints.check_free_space(tmp_path, 100 * MiB // 16, spec(every, keep), max_steps, said.append)
-    peak = checkpoints.human_bytes((kept + 1) * one)
-    assert said == [f"warning: training_args.output_dir '{tmp_path}' has {checkpoints.human_bytes((kept + 1) * one - 1)}"
-                    f" free but this run keeps up to {kept + 1} checkpoints of about 100.0 MiB ({peak}); the run "
-                    f"will stop when the disk is full: free space or set extra_args.keep_last_checkpoints"]
+    checkpoints.check_free_space(tmp_path, parameters, spec(every, keep), 12, said.append)
+    free, peak = checkpoints.human_bytes((kept + 1) * one - 1), checkpoints.human_bytes((kept + 1) * one)
+    assert said == [f"warning: training_args.output_dir '{tmp_path}' has {free} free but this run keeps up to "
+                    f"{kept + 1} checkpoints of about 100.0 MiB ({peak}); the run will stop when the disk is full: "
+                    f"free space or set extra_args.keep_last_checkpoints"]
     said.clear()
     free_bytes((kept + 1) * one)
-    checkpoints.check_free_space(tmp_path, 100 * MiB // 16, spec(every, keep), max_steps, said.append)
+    checkpoints.check_free_space(tmp_path, parameters, spec(every, keep), 12, said.append)
     assert said == []
+
+
+@pytest.mark.parametrize("every, max_steps", [(None, 12), (5, None), (20, 12)])
+def test_room_for_one_checkpoint_is_enough_when_the_run_keeps_only_the_final_one(tmp_path, free_bytes, every,
+                                                                                  max_steps):
+    said = []
+    free_bytes(checkpoints.CHECKPOINT_BYTES_PER_PARAMETER * 1000)
+    checkpoints.check_free_space(tmp_path, 1000, spec(every), max_steps, said.append)
+    assert said == []
+    free_bytes(checkpoints.CHECKPOINT_BYTES_PER_PARAMETER * 1000 - 1)
+    with pytest.raises(InputError, match="has 15.6 KiB free but one checkpoint of this model takes about 15.6 KiB"):
+        checkpoints.check_free_space(tmp_path, 1000, spec(every), max_steps, said.append)
 
 
 @pytest.mark.parametrize("count, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),

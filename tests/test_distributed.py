@@ -4,6 +4,7 @@ One process with micro-batch 2b is the reference; two processes with micro-batch
 two "machines", FSDP, a resumed run) must log the same losses, grad norms, evals and samples step for step.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -23,7 +24,11 @@ TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.warmup_steps=3", "training_args.max_steps=6", "training_args.eval_steps=3",
         "extra_args.checkpointing_steps=3", "extra_args.sample_every=3", "extra_args.wandb_log_steps=1"]
 GLOBAL_MICRO_BATCH = 4
+# FSDP launches put tests/fsdp_on_cpu/ on the processes' path: its sitecustomize lets accelerate shard on the CPU.
+FSDP_ON_CPU_ENV = {"PYTHONPATH": str(REPO / "tests" / "fsdp_on_cpu")}
 STEPS = [1, 2, 3, 4, 5, 6]
+# The runs that compare energy across process and machine counts measure it; the others leave CodeCarbon off.
+ENERGY = "extra_args.track_energy=true"
 TIMEOUT_S = 300
 
 
@@ -83,14 +88,18 @@ def finish(*processes):
     return results
 
 
-def two_processes(tokenizer, data, output_dir, tmp_path, *overrides, launcher=("--multi_gpu",),
-                  script="pre-training.py", env=None):
+def two_processes(tokenizer, data, output_dir, tmp_path, *overrides, launcher=("--multi_gpu",), env=None):
     options = [*launcher, "--num_processes", "2", "--main_process_port", str(free_port())]
     args = script_args(tokenizer, data, output_dir, GLOBAL_MICRO_BATCH // 2, *overrides)
-    env = env or launch_env(tmp_path)
-    [result] = finish(accelerate_launch(options, script, args, env, output_dir.parent / "logs"))
+    env = env or launch_env(tmp_path, **FSDP_ON_CPU_ENV if "fsdp_config.yaml" in launcher else {})
+    [result] = finish(accelerate_launch(options, "pre-training.py", args, env, output_dir.parent / "logs"))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def csv_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def records(output_dir, name="metrics.jsonl"):
@@ -137,7 +146,7 @@ def assert_same_weights(got_folder, expected_folder):
 def single(tmp_path_factory, sample_tokenizer, sample_tokenized):
     """The reference: one process, micro-batch 4, no launcher."""
     output_dir = tmp_path_factory.mktemp("single") / "out"
-    args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH)
+    args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH, ENERGY)
     result = subprocess.run([sys.executable, "pre-training.py", *args], cwd=REPO, capture_output=True, text=True,
                             env=dict(os.environ, **OFFLINE_ENV, OMP_NUM_THREADS="1"), timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -148,16 +157,16 @@ def single(tmp_path_factory, sample_tokenizer, sample_tokenized):
 def ddp(tmp_path_factory, sample_tokenizer, sample_tokenized):
     """Two processes from one launcher, micro-batch 2 each."""
     tmp_path = tmp_path_factory.mktemp("ddp")
-    result = two_processes(sample_tokenizer, sample_tokenized, tmp_path / "out", tmp_path)
+    result = two_processes(sample_tokenizer, sample_tokenized, tmp_path / "out", tmp_path, ENERGY)
     return tmp_path / "out", result
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory, sample_tokenizer, sample_tokenized):
-    """Two processes sharding the model with fsdp_config.yaml (see tests/fsdp_on_cpu.py for why a shim)."""
+    """Two processes sharding the model with fsdp_config.yaml (see tests/fsdp_on_cpu/ for why a shim)."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
     result = two_processes(sample_tokenizer, sample_tokenized, tmp_path / "out", tmp_path,
-                           launcher=("--config_file", "fsdp_config.yaml"), script="tests/fsdp_on_cpu.py")
+                           launcher=("--config_file", "fsdp_config.yaml"))
     return tmp_path / "out", result
 
 
@@ -169,6 +178,17 @@ def test_two_processes_train_like_one_with_twice_the_batch(single, ddp):
     assert "for 6 optimizer steps of 1,024 tokens on 2 process(es)" in result.stdout
     assert_same_training(output_dir, single)
     assert_same_weights(output_dir / "final-checkpoint", single / "final-checkpoint")
+
+
+def test_two_processes_on_one_machine_run_one_tracker(ddp):
+    output_dir, result = ddp
+    # One tracker: one file, one run's row, one line saying what it measures, one machine in the total.
+    assert sorted(p.name for p in output_dir.glob("emissions*.csv")) == ["emissions.csv"]
+    assert len(csv_rows(output_dir / "emissions.csv")) == 1
+    assert result.stdout.count("energy: one CodeCarbon tracker on this machine") == 1
+    assert "CodeCarbon, 1 machine(s) this run" in result.stdout
+    energies = [r["energy_kwh"] for r in train_records(output_dir).values()]
+    assert energies[0] > 0 and all(b >= a for a, b in zip(energies, energies[1:])) and energies[-1] > energies[0]
 
 
 def test_eval_of_two_processes_covers_the_whole_test_split(ddp, sample_tokenized):
@@ -224,7 +244,7 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(ddp, sample_tok
 def test_two_nodes_train_like_one_process(single, sample_tokenizer, sample_tokenized, tmp_path):
     output_dir = tmp_path / "out"
     port = str(free_port())
-    args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH // 2)
+    args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH // 2, ENERGY)
     env = launch_env(tmp_path, WANDB_MODE="offline")
     nodes = [accelerate_launch(["--multi_gpu", "--num_machines", "2", "--num_processes", "2",
                                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
@@ -238,6 +258,16 @@ def test_two_nodes_train_like_one_process(single, sample_tokenizer, sample_token
     # The second machine's process never writes: one W&B run, one sample line per step (its console has none).
     assert len(list((output_dir / "wandb").glob("offline-run-*"))) == 1
     assert "sample:" in results[0].stdout and "sample:" not in results[1].stdout
+    # One tracker per machine, each with its own file; the run's total is the sum of the two.
+    assert sorted(p.name for p in output_dir.glob("emissions*.csv")) == ["emissions-process1.csv", "emissions.csv"]
+    assert all(result.stdout.count("energy: one CodeCarbon tracker on this machine") == 1 for result in results)
+    final = output_dir / "final-checkpoint"
+    machines = [float(row["energy_consumed"]) for name in ("emissions.csv", "emissions-process1.csv")
+                for row in csv_rows(final / name)]
+    assert len(machines) == 2 and min(machines) > 0
+    total = json.loads((final / "trainer_state.json").read_text())["energy_kwh"]
+    assert total == pytest.approx(sum(machines), rel=1e-9)
+    assert "CodeCarbon, 2 machine(s) this run" in results[0].stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,8 +302,7 @@ def test_fsdp_in_bf16_keeps_float32_losses_and_gradient_reductions(single, sampl
 
     two_processes(sample_tokenizer, sample_tokenized, tmp_path / "out", tmp_path, "extra_args.mixed_precision=bf16",
                   "training_args.max_steps=3", "training_args.do_eval=false", "extra_args.checkpointing_steps=null",
-                  "extra_args.sample_every=null", launcher=("--config_file", "fsdp_config.yaml"),
-                  script="tests/fsdp_on_cpu.py")
+                  "extra_args.sample_every=null", launcher=("--config_file", "fsdp_config.yaml"))
     got, expected = train_records(tmp_path / "out"), train_records(single)
     assert sorted(got) == [1, 2, 3]
     for step, record in got.items():
@@ -286,8 +315,7 @@ def test_fsdp_in_bf16_keeps_float32_losses_and_gradient_reductions(single, sampl
 def test_fsdp_resume_equals_the_uninterrupted_run(fsdp, sample_tokenizer, sample_tokenized, tmp_path):
     output_dir, _ = fsdp
     resumed_dir, result = resume_from_step_3(output_dir, sample_tokenizer, sample_tokenized, tmp_path,
-                                             launcher=("--config_file", "fsdp_config.yaml"),
-                                             script="tests/fsdp_on_cpu.py")
+                                             launcher=("--config_file", "fsdp_config.yaml"))
     assert "at step 3" in result.stdout
     assert_same_training(resumed_dir, output_dir, steps=[4, 5, 6])
 

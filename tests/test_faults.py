@@ -24,7 +24,7 @@ import pytest
 
 from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
 
-from pretrain import checkpoints, errors, faults, publish
+from pretrain import checkpoints, errors
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -406,25 +406,6 @@ def test_sigkill_during_a_save_leaves_only_complete_checkpoints_and_resume_equal
     assert step_dirs(resumed.output_dir) == ["step_4", "step_8"]
 
 
-def test_a_second_save_of_the_same_name_replaces_the_first_whole(tmp_path):
-    final, staging = tmp_path / "final-checkpoint", tmp_path / ".final-checkpoint.tmp"
-    for folder, text in ((final, "old"), (staging, "new")):
-        (folder / "accelerate_state").mkdir(parents=True)
-        (folder / "trainer_state.json").write_text(text)
-    publish.publish(staging, final, final.with_name(".final-checkpoint.old"))
-    assert (final / "trainer_state.json").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final-checkpoint"]
-
-
-def test_leftovers_of_killed_saves_are_tidied_and_a_cut_replacement_is_put_back(tmp_path):
-    for name in (".step_3.tmp", ".step_2.old", ".step_5.old", "step_5", ".step_1.deleting", ".cache", "step_7"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "trainer_state.json").write_text("{}")
-    checkpoints.remove_leftovers(tmp_path)
-    # .step_2.old had lost its step_2 (killed between the two renames of a re-save): it goes back into place.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "step_2", "step_5", "step_7"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Full disk and unwritable output_dir
 
@@ -526,19 +507,3 @@ def test_nan_batches_are_skipped_rolled_back_past_and_never_reach_the_weights(ru
     others = [w for name, w in weights(out / "final-checkpoint").items() if name != "model.embed_tokens.weight"]
     keep = [i for i in range(embeddings.shape[0]) if i not in poisoned_rows]
     assert embeddings[keep].isfinite().all() and all(bool(w.isfinite().all()) for w in others)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The step verdict's fp16 rule, which needs a GPU to run end to end
-
-def test_under_a_grad_scaler_only_a_non_finite_loss_counts_and_the_optimizer_always_steps():
-    import torch
-
-    plain = SimpleNamespace(scaler=None, num_processes=1)
-    scaled = SimpleNamespace(scaler=object(), num_processes=1)
-    finite, inf = torch.tensor(2.0), torch.tensor(float("inf"))
-    assert faults.agree_on_step(plain, finite, inf, False) == (False, False, False)
-    assert faults.agree_on_step(plain, finite, None, True) == (True, True, True)
-    # fp16: the scaler skips overflowing gradients itself and must see every step to adjust its scale.
-    assert faults.agree_on_step(scaled, finite, inf, False) == (True, True, False)
-    assert faults.agree_on_step(scaled, torch.tensor(float("nan")), finite, False) == (False, True, False)

@@ -3,11 +3,12 @@
 from types import SimpleNamespace
 import json
 import math
+import os
 import shutil
 
 import pytest
 
-from conftest import REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
+from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.per_device_eval_batch_size=8", "training_args.gradient_accumulation_steps=2",
@@ -124,6 +125,42 @@ def test_resumed_run_equals_uninterrupted(finished_run, sample_tokenizer, sample
     assert got_eval == pytest.approx(expected_eval, rel=1e-5)
 
 
+def scheduled_rates(name, peak, warmup_steps, max_steps):
+    """The rate each optimizer step 1..max_steps runs with, straight from transformers' get_scheduler."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+    rates = {}
+    for step in range(1, max_steps + 1):
+        rates[step] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def trainer_logged_rates(output_dir, name, peak, warmup_steps, max_steps):
+    """The learning_rate transformers' Trainer logs at each step for the same schedule (on a one-weight model)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    class OneWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return {"loss": ((self.weight - x) ** 2).mean()}
+
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, warmup_steps=warmup_steps,
+                             lr_scheduler_type=name, learning_rate=peak, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, per_device_train_batch_size=2, disable_tqdm=True)
+    trainer = Trainer(model=OneWeight(), args=args, train_dataset=[{"x": torch.ones(1)}] * (2 * max_steps))
+    trainer.train()
+    return {r["step"]: r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r}
+
+
 def test_schedule_counts_optimizer_steps(sample_tokenizer, sample_tokenized, tmp_path):
     result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=8",
                    "training_args.warmup_steps=3", "training_args.lr_scheduler_type=linear",
@@ -132,9 +169,12 @@ def test_schedule_counts_optimizer_steps(sample_tokenizer, sample_tokenized, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     rates = {r["step"]: r["learning_rate"] for r in metrics(tmp_path / "out") if "learning_rate" in r}
     peak = 0.005
-    # The rate after optimizer step s: warm-up over steps 1..3, then linear decay reaching 0 at step 8.
-    expected = {s: peak * s / 3 if s < 3 else peak * (8 - s) / 5 for s in range(1, 9)}
+    # The rate optimizer step s ran with: warm-up from 0 over steps 1..3, peak at step 4, then linear decay that
+    # would reach 0 at step 9.
+    expected = {s: peak * (s - 1) / 3 if s <= 3 else peak * (8 - (s - 1)) / 5 for s in range(1, 9)}
     assert rates == pytest.approx(expected)
+    assert rates == pytest.approx(scheduled_rates("linear", peak, 3, 8))
+    assert rates == pytest.approx(trainer_logged_rates(tmp_path / "trainer", "linear", peak, 3, 8))
 
 
 def test_epochs_decide_the_steps_when_max_steps_is_null(sample_tokenizer, sample_tokenized, tmp_path):
@@ -144,11 +184,16 @@ def test_epochs_decide_the_steps_when_max_steps_is_null(sample_tokenizer, sample
                    "training_args.num_train_epochs=0.5", "training_args.do_eval=false",
                    "training_args.gradient_accumulation_steps=1", "training_args.per_device_train_batch_size=16",
                    "extra_args.checkpointing_steps=null", "extra_args.sample_every=null",
-                   "extra_args.wandb_log_steps=1000")
+                   "extra_args.wandb_log_steps=1000", "training_args.warmup_steps=50")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = int(0.5 * train_blocks // 16)
     assert f"for {steps} optimizer steps" in result.stdout
     assert [r["step"] for r in metrics(tmp_path / "out")] == [steps]
+    # The warm-up outlasts a run whose length is known only once the data is open: the warning comes then.
+    highest = scheduled_rates("cosine", 0.005, 50, steps)[steps]
+    assert (f"warning: training_args.warmup_steps (50) is above the run's {steps} optimizer steps: the learning "
+            f"rate rises to at most {highest:.3g} by the last step") in result.stdout
+    assert metrics(tmp_path / "out")[-1]["learning_rate"] == pytest.approx(highest)
 
 
 def test_continue_training_a_final_checkpoint(finished_run, sample_tokenizer, sample_tokenized, tmp_path):
@@ -168,9 +213,15 @@ def test_fallbacks_are_announced(sample_tokenizer, sample_tokenized, tmp_path):
                    "model_args.attn_implementation=flash_attention_2",
                    "model_args.model_to_train=some-user/some-model", "training_args.gradient_checkpointing=true",
                    "extra_args.mixed_precision=bf16", "training_args.do_eval=false",
-                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null")
+                   "extra_args.checkpointing_steps=null", "extra_args.sample_every=null",
+                   "model_args.low_cpu_mem_usage=true", "data_args.overwrite_cache=true",
+                   "data_args.preprocessing_num_workers=2")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
+    # Fields older spec files carry that nothing here acts on: each says so once, at the start.
+    for field in ("model_args.low_cpu_mem_usage", "data_args.overwrite_cache", "data_args.preprocessing_num_workers"):
+        [line] = [line for line in result.stdout.splitlines() if line.startswith(f"note: {field} has no effect: ")]
+        assert result.stdout.index(line) < result.stdout.index("speed: "), line
     assert f"vocab_size is 32000 but the tokenizer has {TEST_VOCAB_SIZE} tokens" in out
     assert "flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa" in out
     assert "'some-user/some-model' is not used as the base config" in out
@@ -194,20 +245,126 @@ def test_wandb_offline_writes_a_run(sample_tokenizer, sample_tokenized, tmp_path
             assert not path.is_file() or token.encode() not in path.read_bytes(), path
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, sample_tokenized):
+    """Inputs pre-training.py must refuse: tokenized folders broken in one way each, and a folder with no tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+
+    def broken_copy(name, rewrite):
+        folder = root / name
+        shutil.copytree(sample_tokenized, folder)
+        for part in sorted(folder.glob("*/*.parquet")):
+            rewrite(part)
+        return folder
+
+    def out_of_vocabulary(part):
+        rows = pq.read_table(part).column("input_ids").to_pylist()
+        rows[0][5] = TEST_VOCAB_SIZE + 7
+        pq.write_table(pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32()))}), part)
+        (part.parents[1] / "manifest.json").unlink(missing_ok=True)  # it would be refused first, for its hash
+
+    no_tokenizer = root / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "notes.txt").write_text("not a tokenizer")
+    return {"wrong_column": broken_copy("wrong-column",
+                                        lambda p: pq.write_table(pq.read_table(p).rename_columns(["tokens"]), p)),
+            "corrupt": broken_copy("corrupt", lambda p: p.write_bytes(b"PAR1 but not parquet" * 8)),
+            "out_of_vocabulary": broken_copy("out-of-vocabulary", out_of_vocabulary),
+            "no_tokenizer": no_tokenizer}
+
+
 @pytest.mark.parametrize("extra,message", [
     (["training_args.push_to_hub=true", "training_args.hub_model_id=me/model"],
      "push_to_hub is on but the Hugging Face Hub cannot be reached"),
     (["model_args.tokenizer_name=/nowhere/tokenizer"], "tokenizer '/nowhere/tokenizer' is not a local folder"),
+    (["model_args.tokenizer_name={no_tokenizer}"], "could not load tokenizer '{no_tokenizer}'"),
     (["training_args.resume_from_checkpoint=/nowhere/step_4"], "is not a complete checkpoint folder"),
     (["model_args.train_from_scratch=false", "model_args.model_to_train=someone/missing"],
      "'someone/missing' is not a local folder and cannot be fetched"),
-])
-def test_refusals_before_training(sample_tokenizer, sample_tokenized, tmp_path, extra, message):
-    result = train(sample_tokenizer, sample_tokenized, tmp_path / "out", "training_args.max_steps=2",
+    (["data_args.folder_path=/nowhere/tokenized"], "tokenized folder '/nowhere/tokenized' does not exist"),
+    (["data_args.block_size=64"], f"has blocks of {TEST_BLOCK_SIZE} tokens"),
+    (["data_args.folder_path={wrong_column}"], "has no 'input_ids' column (columns: tokens)"),
+    (["data_args.folder_path={corrupt}"], "is not a readable parquet file"),
+    (["data_args.folder_path={out_of_vocabulary}"],
+     f"holds token id {TEST_VOCAB_SIZE + 7}, at or above the vocabulary size {TEST_VOCAB_SIZE}"),
+], ids=["hub", "missing-tokenizer", "not-a-tokenizer", "missing-resume", "missing-model", "missing-data",
+        "block-size", "wrong-column", "corrupt-parquet", "ids-beyond-vocabulary"])
+def test_refusals_before_training(sample_tokenizer, sample_tokenized, bad_inputs, tmp_path, extra, message):
+    extra, message = [e.format(**bad_inputs) for e in extra], message.format(**bad_inputs)
+    result = train(sample_tokenizer, sample_tokenized, tmp_path / "runs" / "out", "training_args.max_steps=2",
                    "training_args.warmup_steps=0", *extra)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert not list((tmp_path / "out").glob("step_*")) and not (tmp_path / "out" / "final-checkpoint").exists()
+    assert result.stderr.count("\n") == 1, result.stderr  # one line
+    # Checked before anything is written: not even output_dir, nor the folder above it that the run would make.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_run_leaves_an_existing_output_dir_as_it_was(sample_tokenizer, sample_tokenized, tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    result = train(sample_tokenizer, sample_tokenized, output_dir, "training_args.max_steps=2",
+                   "data_args.folder_path=/nowhere/tokenized")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert [p.name for p in output_dir.iterdir()] == ["notes.txt"]
+
+
+def test_two_processes_refuse_bad_input_together(sample_tokenizer, sample_tokenized, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **OFFLINE_ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    output_dir = tmp_path / "runs" / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(port), "pre-training.py", "--spec-file", "specs-tiny.yaml", *TINY,
+         f"model_args.tokenizer_name={sample_tokenizer}", "data_args.folder_path=/nowhere/tokenized",
+         f"training_args.output_dir={output_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # Both processes stop with the message and status 2 (the launcher reports them); neither waits for the other.
+    assert result.returncode != 0
+    assert result.stderr.count("error: tokenized folder '/nowhere/tokenized' does not exist") == 2, result.stderr
+    assert "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_refuse_together_takes_back_what_the_run_made(tmp_path):
+    from pretrain.errors import InputError
+    from pretrain.training import check_output_dir, refuse_together, remove_created
+
+    class OneProcess:
+        num_processes = 1
+        ended = False
+
+        def end_training(self):
+            self.ended = True
+
+    def full_disk():
+        raise InputError("no space left")
+
+    output_dir = tmp_path / "a" / "b" / "out"
+    created = refuse_together(OneProcess(), lambda: check_output_dir(output_dir))
+    assert created == tmp_path / "a" and output_dir.is_dir() and list(output_dir.iterdir()) == []
+    accelerator = OneProcess()
+    with pytest.raises(InputError, match="no space left"):
+        refuse_together(accelerator, full_disk, undo=lambda: remove_created(output_dir, created))
+    assert accelerator.ended and list(tmp_path.iterdir()) == []
+    # What existed before, or was written into meanwhile, stays.
+    assert refuse_together(OneProcess(), lambda: check_output_dir(tmp_path)) is None
+    output_dir.mkdir(parents=True)
+    (tmp_path / "a" / "mine.txt").write_text("mine")
+    remove_created(output_dir, tmp_path / "a")
+    assert [p.name for p in tmp_path.rglob("*")] == ["a", "mine.txt"]
+    assert refuse_together(OneProcess(), lambda: 42) == 42
 
 
 def test_unwritable_output_dir_is_refused(sample_tokenizer, sample_tokenized, tmp_path):

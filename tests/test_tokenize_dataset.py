@@ -1,19 +1,18 @@
-"""Utilities/tokenize-dataset.py and manifest.py: packed blocks that decode back to the documents, exact counts,
-reproducible files, the Hub push (with a fake client), and one-line refusals of bad input."""
+"""Utilities/tokenize-dataset.py: packed blocks that decode back to the documents, exact counts, reproducible
+files, the Hub push (with conftest.py's FakeHub), and one-line refusals of bad input. The manifest's own tests are
+in test_manifest.py."""
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
+from conftest import SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
 
-from pretrain import corpus, hub, tokenizer_folder, tokenize_dataset
+from pretrain import corpus, tokenizer_folder, tokenize_dataset
 from pretrain import manifest as manifest_module
 from pretrain.errors import InputError
 
@@ -209,7 +208,7 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
     assert np.array_equal(stream, expected[:len(stream)]) and len(expected) - len(stream) < 16
     decoded, _ = decode_documents(tokenizer, stream)
     assert decoded == documents[:len(decoded)] and len(decoded) >= len(documents) - 1
-    # A .txt file: one document per line, blank lines skipped (a filtered dataset is read through its index).
+    # A .txt file: one document per line, blank lines skipped.
     text_file = tmp_path / "corpus.txt"
     text_file.write_text("\n\n".join(d.replace("\n", " ") for d in documents) + "\n", encoding="utf-8")
     tokenize_here("--dataset-name", text_file, "--tokenizer-name", sample_tokenizer, "--block-size", 16, "--test-size",
@@ -218,26 +217,52 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
     assert decoded == [d.replace("\n", " ") for d in documents][:len(decoded)] and len(decoded) >= len(documents) - 1
 
 
-def rss_file_kb() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("RssFile:")).split()[1])
+@pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])
+def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tmp_path, sample_tokenizer,
+                                                                               sample_tokenized, kind):
+    from test_corpus import write_sample_as
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache.mkdir()
+    result = run_script(SCRIPT, "--dataset-name", write_sample_as(tmp_path / "input", kind), "--tokenizer-name",
+                        sample_tokenizer, "--block-size", TEST_BLOCK_SIZE, "--test-size", 0.1, "--output-dir", out,
+                        env={"HF_DATASETS_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert not list(cache.iterdir())
+    assert manifest_module.read_manifest(out)["source"]["documents"] == len(read_sample_texts())
+    if kind != "txt":  # the .txt copy has its documents' line breaks turned into spaces
+        for part in sorted(sample_tokenized.rglob("*.parquet")):  # the same documents in the same order
+            assert (out / part.relative_to(sample_tokenized)).read_bytes() == part.read_bytes()
 
 
-def test_mapped_corpus_pages_are_handed_back_and_stay_readable(tmp_path, monkeypatch):
-    path = tmp_path / "corpus.arrow"
-    table = pa.table({"text": [f"{i:08d}" * 125 for i in range(20000)]})  # 20 MB of text
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    mapped = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    ranges = corpus.mapped_file_ranges(".arrow")
-    assert sum(end - start for start, end in ranges) >= 20_000_000
-    assert sum(map(len, mapped.column("text").to_pylist())) == 20_000_000  # every page has been read
-    before = rss_file_kb()
-    corpus.drop_mapped_pages(ranges)
-    assert rss_file_kb() < before - 15_000
-    assert mapped.column("text")[12345].as_py() == "00012345" * 125  # mapped again from the page cache on demand
-    monkeypatch.setattr(corpus, "PROC_MAPS", tmp_path / "no-proc")  # not Linux: nothing to do
-    assert corpus.mapped_file_ranges(".arrow") == []
+def test_a_hub_dataset_is_streamed_twice_in_its_seeded_order(tmp_path, sample_tokenizer, tokenizer, monkeypatch):
+    import datasets
+
+    from pretrain import hub
+
+    texts, calls = read_sample_texts(), []
+
+    def rows():
+        return datasets.IterableDataset.from_generator(lambda: ({"text": text} for text in texts))
+
+    def load_dataset(name, split=None, streaming=False, token=None):
+        calls.append((name, split, streaming, token))
+        return rows()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    shuffled = [row["text"] for row in rows().shuffle(seed=3, buffer_size=corpus.SHUFFLE_BUFFER)]
+    assert shuffled != texts
+    for shuffle, expected in (("true", shuffled), ("false", texts)):
+        out = tmp_path / shuffle
+        tokenize_here("--dataset-name", "someone/corpus", "--dataset-split", "all", "--tokenizer-name",
+                      sample_tokenizer, "--block-size", 64, "--test-size", 0, "--shuffle", shuffle, "--seed", 3,
+                      "--token", "hf_x", "--output-dir", out)
+        manifest = manifest_module.read_manifest(out)
+        assert manifest["source"]["dataset"] == "someone/corpus" and manifest["source"]["documents"] == len(texts)
+        stream = split_stream(out, "train")
+        assert np.array_equal(stream, encode_documents(tokenizer, expected)[:len(stream)])
+    assert calls == [("someone/corpus", "all", True, "hf_x")] * 2
 
 
 # --- the output folder: rerun, refuse, overwrite -----------------------------------------------------------------
@@ -365,8 +390,10 @@ def test_tokenizer_is_read_without_transformers_as_transformers_reads_it(tmp_pat
     assert (packing.bos_token_id, packing.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (2, 3)
     assert packing.vocab_size == record["vocab_size"] == len(reference) == len(tokenizer)
     text = "  Olá, mundo!\n\tação </s> 2024 😀"
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True  # "</s>" in a document is text, as packing reads it
     assert packing.backend.encode(text, add_special_tokens=False).ids == \
-        tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        backend.encode(text, add_special_tokens=False).ids
 
 
 def test_other_tokenizer_classes_pack_the_ids_transformers_gives(tmp_path, sample_tokenizer, monkeypatch):
@@ -485,19 +512,48 @@ def test_tokenizer_from_the_hub_is_downloaded_then_loaded(fake_hub, sample_token
         tokenizer_folder.load_tokenizer("someone/missing", None)
 
 
-# --- the benchmark -----------------------------------------------------------------------------------------------
 
-def test_benchmark_measures_every_variant_on_one_synthesized_corpus(tmp_path):
-    result = run_script("Utilities/benchmark.py", "tokenize", "--corpus-mb", 0.2, "--block-size", 128,
-                        "--vocab-size", 512, "--work-dir", tmp_path, check=True)
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [line["variant"] for line in lines] == ["original", "ours", "encode", "ratios"]
-    for line in lines[:3]:
-        assert line["seconds"] > 0 and line["peak_rss_mb"] > line["peak_anonymous_mb"] > 0
-    assert lines[0]["output_mb"] > 0 and lines[1]["output_mb"] > 0
-    assert set(lines[3]) >= {"original_over_ours", "ours_over_encode", "ours_over_encode_process"}
-    corpus = tmp_path / "corpus-0.2mb.jsonl"
-    assert corpus.stat().st_size >= 200_000 and (tmp_path / "tokenizer" / "tokenizer.json").exists()
-    bench = load_module("bench_tokenize", REPO / "Utilities" / "bench_tokenize.py")
-    again = bench.synthesize_corpus(tmp_path / "again.jsonl", 0.2, seed=0)
-    assert again.read_bytes() == corpus.read_bytes()  # deterministic: the same corpus for every run
+# --- the original script's command line --------------------------------------------------------------------------
+
+ORIGINAL_COMMAND = ["--dataset-name", "nicholasKluge/Pt-Corpus", "--dataset-split", "train", "--tokenizer-name",
+                    "nicholasKluge/TeenyTinyLlama-460m", "--block-size", "2048", "--test-size", "30000", "--shuffle",
+                    "True", "--seed", "42", "--token", "hf_..."]
+
+
+def test_the_original_command_line_works_without_output_dir(fake_hub, tmp_path, sample_tokenizer, monkeypatch,
+                                                             capsys):
+    import datasets
+
+    args = tokenize_dataset.parse_args(ORIGINAL_COMMAND)
+    # The name the original pushed to the Hub, as a folder here.
+    assert args.output_dir == "nicholasKluge/Pt-Corpus-tokenized-2048"
+    assert (args.test_size, args.shuffle, args.seed, args.token) == (30000, True, 42, "hf_...")
+    # The same command end to end, the Hub serving the sample and our tokenizer; only the sizes shrink to the
+    # sample's (30,000 test blocks of 2,048 tokens are 61M tokens).
+    fake_hub.repos["nicholasKluge/TeenyTinyLlama-460m"] = sample_tokenizer
+    texts = read_sample_texts()
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, streaming=False, token=None:
+                        datasets.IterableDataset.from_generator(lambda: ({"text": text} for text in texts)))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    small = [{"2048": "64", "30000": "2"}.get(a, a) for a in ORIGINAL_COMMAND]
+    tokenize_here(*small)
+    folder = work / "nicholasKluge" / "Pt-Corpus-tokenized-64"
+    manifest = manifest_module.read_manifest(folder)
+    assert manifest["block_size"] == 64 and manifest["splits"]["test"]["blocks"] >= 2
+    assert manifest["source"]["dataset"] == "nicholasKluge/Pt-Corpus"
+    assert f"wrote '{Path('nicholasKluge/Pt-Corpus-tokenized-64')}'" in capsys.readouterr().out
+    assert [p.relative_to(work).as_posix() for p in work.glob("*/*")] == ["nicholasKluge/Pt-Corpus-tokenized-64"]
+
+
+@pytest.mark.parametrize("dataset_name,expected", [
+    ("nicholasKluge/Pt-Corpus", "nicholasKluge/Pt-Corpus-tokenized-128"),
+    ("data/sample/pt-sample.jsonl", "data/sample/pt-sample-tokenized-128"),
+    ("corpora/web/", "corpora/web-tokenized-128"),
+    ("corpus.v2", "corpus.v2-tokenized-128"),
+])
+def test_default_output_dir_is_named_after_the_dataset(dataset_name, expected):
+    assert tokenize_dataset.default_output_dir(dataset_name, 128) == Path(expected)
+    assert tokenize_dataset.parse_args(["--dataset-name", dataset_name, "--tokenizer-name", "t", "--block-size",
+                                        "128"]).output_dir == expected

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, run_script
+from conftest import TEST_BLOCK_SIZE, TEST_VOCAB_SIZE
 from pretrain import tokenized_data
 from pretrain.errors import InputError
 from pretrain.manifest import sha256_file, write_manifest
@@ -447,19 +447,3 @@ def test_refuses_a_manifest_that_disagrees(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(record))
     refused(folder, "records 58 train blocks but train/ holds 57")
 
-
-# ------------------------------------------------------------------------------------------------------ benchmark
-
-def test_benchmark_measures_both_layouts_and_the_original_way(tmp_path):
-    result = run_script("Utilities/benchmark.py", "data", "--tokens", 300_000, "--block-size", 128,
-                        "--vocab-size", 500, "--num-processes", 2, "--steady-tokens", 20_000, "--baseline",
-                        "--dir", tmp_path / "bench", check=True)
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [(r["variant"], r["processes"]) for r in lines] == [
-        ("tokenized_data-ours", 2), ("original-ours", 1), ("tokenized_data-published", 2), ("original-published", 1)]
-    for record in lines:
-        assert record["num_blocks"] == 300_000 // 128 - 23 and record["tokens_per_second"] > 0
-        assert record["ratio_to_target"] == round(record["tokens_per_second"] / 400_000, 1)
-        # Ours reads in place; the original converts the folder into an Arrow copy in the cache.
-        assert (record["extra_disk_bytes"] > 0) == record["variant"].startswith("original")
-    assert list((tmp_path / "bench").iterdir()) == []            # the synthetic folders are deleted

@@ -18,10 +18,10 @@ import random
 import re
 from pathlib import Path
 
+from pretrain.benchmarks.measure import REPO
 from pretrain.errors import InputError
 from pretrain.publish import atomic_dir
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "pt-sample.jsonl"
 KINDS = ("repeated", "synthetic")
 CORPUS_VERSION = 1     # in the folder's name: a changed generator never reuses an old corpus

@@ -88,8 +88,11 @@ def run(args):
 
 # ------------------------------------------------------------------------------------------------ the synthetic folder
 
-def write_folder(folder: Path, layout: str, tokens: int, args):
-    """Train and test (1% of blocks) parquet files, written a row group at a time so memory stays flat."""
+def write_folder(folder: Path, layout: str, tokens: int, args, tokenizer: dict | None = None):
+    """Train and test (1% of blocks) parquet files, written a row group at a time so memory stays flat.
+
+    `tokenizer`: the manifest's tokenizer record (path, tokenizer_json_sha256, vocab_size), for a folder that
+    pre-training.py reads with that tokenizer; by default one that names no real tokenizer."""
     import numpy as np
 
     from pretrain.manifest import write_manifest
@@ -111,7 +114,8 @@ def write_folder(folder: Path, layout: str, tokens: int, args):
         splits = {split: {"documents": count, "tokens": count * args.block_size, "blocks": count,
                           "dropped_tokens": 0, "shards": shards[split]} for split, count in counts.items()}
         write_manifest(folder, {
-            "tokenizer": {"path": "synthetic", "tokenizer_json_sha256": "0" * 64, "vocab_size": args.vocab_size},
+            "tokenizer": tokenizer or {"path": "synthetic", "tokenizer_json_sha256": "0" * 64,
+                                       "vocab_size": args.vocab_size},
             "block_size": args.block_size, "column": "input_ids", "dtype": "int32",
             "special_tokens": {"policy": "bos+eos", "bos_token_id": 1, "eos_token_id": 2},
             "source": {"dataset": "synthetic"}, "splits": splits})

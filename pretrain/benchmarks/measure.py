@@ -7,6 +7,7 @@
     measured = run_measured(python_module("pretrain.benchmarks.baselines", "tokenizer", ...),
                             datasets_cache=work / "cache").check("the original tokenizer training")
     measured.seconds, measured.peak_rss_bytes, measured.datasets_cache_bytes, measured.json_lines()
+    run_measured(command, timeout_seconds=60).timed_out   # killed, with its children, after 60 s
 
 Peak memory is the resident memory summed over a process and all its descendants at the same moment, sampled
 every 20 ms: what a parent and the children it starts hold together is what the machine has to give. The
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,8 +103,12 @@ class Measured:
     stdout: str
     stderr: str
     datasets_cache_bytes: int | None    # disk left in its own datasets cache; None when it was given none
+    timed_out: bool = False             # killed at its time limit: the output is what it printed until then
 
     def check(self, what: str) -> "Measured":
+        if self.timed_out:
+            raise RuntimeError(f"{what} was stopped at its time limit after {self.seconds:.0f} s: "
+                               f"{' '.join(self.command)}")
         if self.returncode != 0:
             raise RuntimeError(f"{what} failed (exit status {self.returncode}): {' '.join(self.command)}\n"
                                f"{self.stderr[-3000:]}")
@@ -114,11 +120,12 @@ class Measured:
 
 
 def run_measured(command: list[str], *, env: dict | None = None, cwd: Path = REPO,
-                 datasets_cache: Path | None = None) -> Measured:
+                 datasets_cache: Path | None = None, timeout_seconds: float | None = None) -> Measured:
     """Run `command` to its end, offline, with the suite importable (PYTHONPATH); its time, memory and output.
 
     `datasets_cache`: a folder made empty for this run alone and set as its HF_DATASETS_CACHE; the bytes left in
-    it afterwards are reported, then it is removed.
+    it afterwards are reported, then it is removed. `timeout_seconds`: past it, the command and every process it
+    started are killed, and the result says `timed_out`.
     """
     full_env = child_env(env)
     if datasets_cache is not None:
@@ -127,10 +134,16 @@ def run_measured(command: list[str], *, env: dict | None = None, cwd: Path = REP
         full_env["HF_DATASETS_CACHE"] = str(datasets_cache)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd, text=True)
+        # A session of its own, so that a timeout reaches every process it started (compile workers included).
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd, text=True,
+                                   start_new_session=timeout_seconds is not None)
         with TreeMemorySampler(process.pid) as memory:
             # wait4 gives this child's own rusage; RUSAGE_CHILDREN would mix in every earlier child's peak.
-            _, status, usage = os.wait4(process.pid, 0)
+            if timeout_seconds is None:
+                _, status, usage = os.wait4(process.pid, 0)
+                timed_out = False
+            else:
+                status, usage, timed_out = _wait_or_kill(process.pid, started + timeout_seconds)
             seconds = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0)
@@ -144,7 +157,36 @@ def run_measured(command: list[str], *, env: dict | None = None, cwd: Path = REP
     # the sampling interval.
     kernel_peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return Measured(command, process.returncode, seconds, max(memory.peak_rss_bytes, kernel_peak),
-                    memory.peak_anonymous_bytes, output, errors, cache_bytes)
+                    memory.peak_anonymous_bytes, output, errors, cache_bytes, timed_out)
+
+
+def _wait_or_kill(pid: int, deadline: float):
+    """Wait for child `pid` until `deadline` (perf_counter), then kill it and its descendants: (status, rusage,
+    timed_out). It is polled rather than waited for, so it is killed only while unreaped and its pid still its own."""
+    import psutil
+
+    timed_out = False
+    while True:
+        reaped, status, usage = os.wait4(pid, os.WNOHANG)
+        if reaped:
+            return status, usage, timed_out
+        if not timed_out and time.perf_counter() >= deadline:
+            timed_out = True
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for member in tree:
+                try:
+                    member.kill()
+                except psutil.Error:
+                    pass
+            try:
+                os.killpg(pid, signal.SIGKILL)  # any left in its session that were not listed in time
+            except OSError:
+                pass
+        time.sleep(0.01)
 
 
 def peak_memory_mib(runs: list[Measured]) -> dict:

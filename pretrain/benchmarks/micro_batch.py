@@ -8,13 +8,13 @@ import torch
 from pretrain.loss import causal_lm_losses
 from pretrain.telemetry import GIB, parameter_count
 
-def find_largest_micro_batch(trial, max_micro_batch: int, report) -> int | None:
-    """Double the micro-batch from 1 while `trial(micro_batch)` fits, up to `max_micro_batch`.
+def find_largest_micro_batch(trial, max_micro_batch: int, report, start: int = 1) -> int | None:
+    """Double the micro-batch from `start` while `trial(micro_batch)` fits, up to `max_micro_batch`.
 
     A trial returns a dict of what it measured, with "fits": False when it did not fit; running out of GPU memory
     counts as not fitting. `report(micro_batch, result)` is told each outcome. Returns the largest that fitted (None:
-    not even 1)."""
-    largest, micro_batch = None, 1
+    not even `start`)."""
+    largest, micro_batch = None, start
     while micro_batch <= max_micro_batch:
         try:
             result = {"fits": True, **trial(micro_batch)}

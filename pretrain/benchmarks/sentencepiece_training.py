@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     if min(args.size_mb) <= 0 or args.repeats < 1:
         raise InputError("--size-mb must be positive and --repeats at least 1")
-    variants = [v for v in VARIANTS if v in args.variants.split(",")]
-    if not variants or set(args.variants.split(",")) - set(VARIANTS):
+    requested = [v for v in args.variants.split(",") if v]
+    variants = [v for v in VARIANTS if v in requested]
+    if not variants or set(requested) - set(VARIANTS):
         raise InputError(f"--variants '{args.variants}': choose from {', '.join(VARIANTS)}")
     work_dir = Path(args.work_dir)
     for size_mb in args.size_mb:

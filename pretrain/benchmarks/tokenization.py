@@ -135,7 +135,7 @@ def tokenizer_with_class(base: Path, tokenizer_class: str, work: Path) -> Path:
 
 
 def measure_variant(variant: str, corpus: Path, tokenizer: Path, work: Path, args) -> tuple[dict, Measured]:
-    """One run of `variant`: its figures (but memory), and the run itself."""
+    """One run of `variant`: its figures other than memory, and the run itself."""
     output = work / f"out-{variant}"
     shutil.rmtree(output, ignore_errors=True)
     if variant == "ours":
@@ -163,8 +163,9 @@ def measure_variant(variant: str, corpus: Path, tokenizer: Path, work: Path, arg
 
 
 def encode_only(corpus: str, tokenizer_name: str) -> dict:
-    """Seconds the fast tokenizer AutoTokenizer loads from the folder takes to encode every document, in batches as
-    tokenize-dataset.py sends them (no special tokens: those are added around the ids), and the tokens it made."""
+    """Seconds the fast tokenizer AutoTokenizer loads from the folder takes to encode every document, in batches of
+    ENCODE_BATCH_DOCUMENTS, without special tokens as tokenize-dataset.py asks (it adds BOS and EOS around the ids),
+    and the tokens it made."""
     from transformers import AutoTokenizer
 
     backend = AutoTokenizer.from_pretrained(tokenizer_name).backend_tokenizer

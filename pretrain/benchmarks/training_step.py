@@ -5,6 +5,8 @@
     python Utilities/benchmark.py train --spec-file specs-tiny.yaml --device cpu --timed-steps 5
     python Utilities/benchmark.py train --spec-file specs.yaml training_args.compile_model=false   # spec overrides
     python Utilities/benchmark.py train --spec-file specs.yaml --find-micro-batch  # GPU: doubling; CPU: estimate
+    python Utilities/benchmark.py train --spec-file specs.yaml --variants ours --sdpa-backend flash \
+        --compile-mode max-autotune-no-cudagraphs                                 # levers of ours
 
 Both variants start from the same initialization, see the same tokens and run at the spec's mixed_precision:
   original  the original loop's setup (pretrain/benchmarks/baselines.py): fp32 weights with autocast, foreach
@@ -13,18 +15,26 @@ Both variants start from the same initialization, see the same tokens and run at
             build_optimizer, pretrain.loss.causal_lm_loss), batches copied from pinned memory without blocking.
 Each runs --warmup-steps optimizer steps (compiling happens there), then --timed-steps timed ones of
 gradient_accumulation_steps micro-batches, with the spec's gradient clipping and no host sync inside the timed steps.
-One JSON line per variant (tokens/s, MFU and the peak it is measured against, peak memory, losses), then a "ratios"
-line. Peak memory is torch's allocator peak on a GPU; on the CPU, the RSS of this process and its children (compile
-workers) sampled while the variant runs. The synthetic tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
+One JSON line per variant (tokens/s, MFU both ways (pretrain.telemetry.MFU_CONVENTIONS) and the peak it is
+measured against, peak memory, losses), then a "ratios" line. Peak memory is torch's allocator peak on a GPU; on
+the CPU, the RSS of this process and its children (compile workers) sampled while the variant runs. The synthetic
+tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
 
---find-micro-batch: on a GPU, doubles the micro-batch of `ours` from 1 until it runs out of memory (measured;
-with compile on, every new micro-batch compiles again: several minutes in all); on the CPU, estimates each
-micro-batch's peak from the activations an eager forward pass saves, against --memory-gib (an estimate: compile
-and the allocator change the real figure).
+Levers of `ours`, for comparing one setting at a time: --compile-mode (torch.compile's modes, applied as the
+inductor options that mode stands for, since pre-training.py compiles with the default one) and --sdpa-backend
+(the one attention kernel allowed, through torch.nn.attention.sdpa_kernel; a kernel that cannot run the model's
+attention fails the run with torch's message). The loss lever is a spec override:
+training_args.cross_entropy_chunk_tokens=null for the full logits.
+
+--find-micro-batch: on a GPU, doubles the micro-batch of `ours` from --start-micro-batch (default 1) until it runs
+out of memory (measured; with compile on, every new micro-batch compiles again: several minutes in all); on the
+CPU, estimates each micro-batch's peak from the activations an eager forward pass saves, against --memory-gib (an
+estimate: compile and the allocator change the real figure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -35,6 +45,9 @@ from pretrain.errors import InputError
 
 VARIANTS = ("original", "ours")
 HEADROOM = 0.9  # the share of a GPU's memory an estimate may fill: the allocator fragments and CUDA holds some
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
 def add_arguments(parser) -> None:
@@ -50,7 +63,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and the tokens")
     parser.add_argument("--find-micro-batch", action="store_true",
                         help="find the largest micro-batch that fits instead (GPU: measured; CPU: estimated)")
+    parser.add_argument("--start-micro-batch", type=int, default=1, help="where --find-micro-batch starts doubling")
     parser.add_argument("--max-micro-batch", type=int, default=256, help="where --find-micro-batch stops doubling")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode for ours (when the spec compiles)")
+    parser.add_argument("--sdpa-backend", choices=list(SDPA_BACKENDS), default="auto",
+                        help="the attention kernel ours may use (auto: torch chooses)")
     parser.add_argument("--memory-gib", type=float, default=80.0,
                         help="GPU memory the CPU estimate of --find-micro-batch is made for")
 
@@ -73,18 +91,36 @@ def run(args) -> None:
                           else "cpu")
     micro_batch = args.micro_batch or spec.training.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps or spec.training.gradient_accumulation_steps
-    if min(micro_batch, accumulation, args.timed_steps, args.max_micro_batch) < 1 or args.warmup_steps < 0:
-        raise InputError("--micro-batch, --gradient-accumulation-steps, --timed-steps and --max-micro-batch must be "
-                         "at least 1, --warmup-steps at least 0")
+    if min(micro_batch, accumulation, args.timed_steps, args.start_micro_batch) < 1 or args.warmup_steps < 0 \
+            or args.max_micro_batch < args.start_micro_batch:
+        raise InputError("--micro-batch, --gradient-accumulation-steps, --timed-steps and --start-micro-batch must "
+                         "be at least 1, --max-micro-batch at least --start-micro-batch, --warmup-steps at least 0")
     if args.find_micro_batch:
-        find_micro_batch(spec, device, args)
+        with speed_levers(args):
+            find_micro_batch(spec, device, args)
         return
     results = {}
     for variant in [v for v in VARIANTS if v in variants]:  # original first: ours switches TF32 on for the process
-        results[variant] = measure(spec, variant, device, micro_batch, accumulation, args)
+        with speed_levers(args) if variant == "ours" else contextlib.nullcontext():
+            results[variant] = measure(spec, variant, device, micro_batch, accumulation, args)
         print(json.dumps(results[variant]), flush=True)
     if len(results) == 2:
         print(json.dumps(ratios(results)), flush=True)
+
+
+def speed_levers(args) -> contextlib.ExitStack:
+    """The levers of --compile-mode and --sdpa-backend, in effect while the returned context is open."""
+    stack = contextlib.ExitStack()
+    if SDPA_BACKENDS[args.sdpa_backend] is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[args.sdpa_backend])]))
+    if args.compile_mode != "default":
+        # torch.compile(mode=M) compiles with these inductor options; pre-training.py's compile call takes none.
+        import torch._inductor
+
+        stack.enter_context(torch._inductor.config.patch(torch._inductor.list_mode_options(args.compile_mode)))
+    return stack
 
 
 def build(spec, variant: str, device, seed: int):
@@ -171,7 +207,9 @@ def measure(spec, variant: str, device, micro_batch: int, accumulation: int, arg
     tokens_per_second = args.timed_steps * accumulation * micro_batch * spec.data.block_size / seconds
     peak, peak_source = telemetry.peak_tflops(device, spec.training.mfu_peak_tflops)
     flops = telemetry.flops_per_token(model.config, spec.data.block_size)
+    flops_without_embedding = telemetry.flops_per_token(model.config, spec.data.block_size, input_embedding=False)
     mfu = telemetry.model_flops_utilization(tokens_per_second, flops, peak, 1)
+    mfu_without_embedding = telemetry.model_flops_utilization(tokens_per_second, flops_without_embedding, peak, 1)
     result = {"benchmark": "train", "variant": variant, "spec": Path(args.spec_file).name, "device": device.type,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "parameters": telemetry.parameter_count(model.config),
@@ -180,9 +218,14 @@ def measure(spec, variant: str, device, micro_batch: int, accumulation: int, arg
               "settings": settings_of(spec, variant, device), "warmup_steps": args.warmup_steps,
               "timed_steps": args.timed_steps, "seconds": round(seconds, 3),
               "tokens_per_second": round(tokens_per_second, 1), "flops_per_token": flops,
-              "mfu": round(mfu, 4) if mfu is not None else None, "peak_tflops": peak, "peak_source": peak_source,
+              "mfu": round(mfu, 4) if mfu is not None else None,
+              "flops_per_token_without_input_embedding": flops_without_embedding,
+              "mfu_without_input_embedding": round(mfu_without_embedding, 4) if mfu is not None else None,
+              "peak_tflops": peak, "peak_source": peak_source,
               "peak_memory_gib": memory.peak_gib, "memory_kind": memory.kind,
               "losses": [round(float(loss), 5) for loss in losses]}
+    if variant == "ours":
+        result["levers"] = {"compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend}
     del model, optimizer, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -206,7 +249,8 @@ def ratios(results: dict) -> dict:
     original, ours = results["original"], results["ours"]
     out = {"benchmark": "train", "variant": "ratios",
            "ours_over_original_tokens_per_second": round(ours["tokens_per_second"] / original["tokens_per_second"], 3),
-           "max_abs_loss_difference": round(max(abs(a - b) for a, b in zip(original["losses"], ours["losses"])), 5)}
+           "max_abs_loss_difference": round(max(abs(a - b) for a, b in zip(original["losses"], ours["losses"])), 5),
+           "compared_steps": len(ours["losses"])}
     if original["peak_memory_gib"] and ours["peak_memory_gib"]:
         out["ours_over_original_peak_memory"] = round(ours["peak_memory_gib"] / original["peak_memory_gib"], 3)
     return out
@@ -256,13 +300,16 @@ def find_micro_batch(spec, device, args) -> None:
 
     report = micro_batch_reporter(spec, device, args)
     if device.type == "cuda":
-        largest = find_largest_micro_batch(cuda_trial(spec, device, args), args.max_micro_batch, report)
+        largest = find_largest_micro_batch(cuda_trial(spec, device, args), args.max_micro_batch, report,
+                                           args.start_micro_batch)
         method = "measured: doubling on this GPU until out of memory"
     else:
-        largest = find_largest_micro_batch(estimate_trial(spec, args), args.max_micro_batch, report)
+        largest = find_largest_micro_batch(estimate_trial(spec, args), args.max_micro_batch, report,
+                                           args.start_micro_batch)
         method = f"estimated for {args.memory_gib:g} GiB from the activations an eager forward pass saves on the CPU"
     print(json.dumps({"benchmark": "train", "variant": "largest_micro_batch", "spec": Path(args.spec_file).name,
-                      "largest_micro_batch": largest, "method": method,
+                      "largest_micro_batch": largest, "method": method, "start_micro_batch": args.start_micro_batch,
+                      "settings": settings_of(spec, "ours", device),
                       "limited_by_max_micro_batch": largest is not None and largest * 2 > args.max_micro_batch}),
           flush=True)
 

@@ -1,20 +1,17 @@
-"""Run pre-training.py with accelerate's FSDP on the CPU (gloo), for tests only.
+"""Accelerate's FSDP on the CPU (gloo), for tests only: on the path of the launched processes through PYTHONPATH.
 
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file fsdp_config.yaml tests/fsdp_on_cpu.py --spec-file ...
+    PYTHONPATH=tests/fsdp_on_cpu ACCELERATE_USE_CPU=1 accelerate launch --config_file fsdp_config.yaml \
+        pre-training.py --spec-file ...
 
 accelerate (1.15) turns an FSDP launch into FSDP only on GPUs and other accelerators: on the CPU its state falls
-back to plain data parallel, although torch's FSDP runs on the CPU with gloo. This shim promotes that state to FSDP
-with the plugin accelerate built from the launch config, so the rest of accelerate's FSDP code runs unchanged.
+back to plain data parallel, although torch's FSDP runs on the CPU with gloo. Python imports this file at start-up
+(it is `sitecustomize`), and it promotes that state to FSDP with the plugin accelerate built from the launch config,
+so pre-training.py and the rest of accelerate's FSDP code run unchanged.
 """
-
-import runpy
-import sys
-from pathlib import Path
 
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-REPO = Path(__file__).resolve().parent.parent
 original_init = AcceleratorState.__init__
 
 
@@ -29,6 +26,3 @@ def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 
 AcceleratorState.__init__ = init_with_fsdp_on_cpu
-sys.argv = [str(REPO / "pre-training.py"), *sys.argv[1:]]
-sys.path[0] = str(REPO)  # what `python pre-training.py` would have there, so `pretrain` imports
-runpy.run_path(sys.argv[0], run_name="__main__")
