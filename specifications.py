@@ -154,6 +154,8 @@ class ExtraArguments:
     track_energy: bool = spec_field(True, "Measure energy and CO2 with CodeCarbon, offline, one tracker per machine: totals in metrics.jsonl, W&B, trainer_state.json and the final summary.")
     energy_country_iso_code: str = spec_field("BRA", "Country whose electricity mix turns the measured kWh into CO2, as a 3-letter ISO code (BRA, USA, FRA, ...).")
     energy_region: str | None = spec_field(None, "Region of that country with its own electricity mix in CodeCarbon (US states, Canadian provinces), e.g. california; null: the country's average.")
+    language: str = spec_field("pt", "Language of the training text as an ISO 639-1 code, for the model card's metadata.")
+    license: str = spec_field("apache-2.0", "License of the trained model as a Hub license id, for the model card's metadata.")
 
 
 GROUPS = {"model_args": ModelArguments, "data_args": DataTrainingArguments,

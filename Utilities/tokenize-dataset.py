@@ -1,7 +1,7 @@
 """Tokenize a text corpus and pack it into fixed-length blocks, the folder that pre-training.py trains on.
 
     python Utilities/tokenize-dataset.py --dataset-name data/sample/pt-sample.jsonl --tokenizer-name my-tokenizer \
-        --block-size 2048 --test-size 0.01 --output-dir data/my-corpus-tokenized
+        --block-size 128 --test-size 0.1 --output-dir data/my-corpus-tokenized
 
 Every document becomes BOS + its tokens + EOS; documents are (by default) shuffled, the first ones go to the test
 split (a fraction of the text, or enough documents for a number of blocks), and each split's token stream is cut

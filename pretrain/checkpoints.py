@@ -211,6 +211,8 @@ def _write_model_and_state(run: Run, staging: Path, state_dict, name: str):
         write_tokenizer_files(staging, run.tokenizer.backend_tokenizer.to_str(), special_tokens_of(run.tokenizer),
                               model_max_length=run.spec.data.block_size)
         (staging / "spec.yaml").write_text(run.spec.to_yaml(), encoding="utf-8")
+        if run.energy is not None:
+            run.energy.copy_into(staging)
         state = dict(run.state.__dict__, name=name, tokens_per_step=run.tokens_per_step)
         # Written last: latest_checkpoint() also asks for it, so a folder copied by hand half-way is not taken.
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -3,7 +3,7 @@ the machines and carried across resumes and rollbacks.
 
     meter = start_energy_meter(spec, accelerator, output_dir, state)  # every process; local main processes track
     fields = meter.update(state)     # every process (a collective): {"energy_kwh": ..., "co2_kg": ...} and state
-    meter.copy_into(folder)          # every process: the trackers' CSV files into a checkpoint folder
+    meter.copy_into(folder)          # the main process, while saving: the trackers' CSV files into a checkpoint
     meter.stop()
 
 The local main process of each machine runs that machine's one tracker, in CodeCarbon's machine mode: the machine's
@@ -79,17 +79,13 @@ class EnergyMeter:
         return self.last
 
     def copy_into(self, folder: Path, say=print):
-        """Copy every tracker CSV in output_dir into a checkpoint folder. Every process calls it: the main process
-        copies, and the others wait, since their trackers rewrite their files at the next update() or stop()."""
-        if self.accelerator.is_main_process:
-            for path in sorted(self.output_dir.glob("emissions*.csv")):
-                try:
-                    shutil.copy2(path, folder / path.name)
-                except OSError as error:
-                    say(f"warning: could not copy {path.name} into {folder} "
-                        f"({error.strerror or first_line(error)})")
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()
+        """Copy every tracker CSV in output_dir into a checkpoint folder being written (main process only). The
+        other processes are then waiting at the save's next collective, so no tracker rewrites its file meanwhile."""
+        for path in sorted(self.output_dir.glob("emissions*.csv")):
+            try:
+                shutil.copy2(path, folder / path.name)
+            except OSError as error:
+                say(f"warning: could not copy {path.name} into {folder} ({error.strerror or first_line(error)})")
 
     def stop(self):
         """Stop this machine's tracker, which writes its last row; safe to call more than once."""

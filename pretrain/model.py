@@ -39,7 +39,8 @@ def load_tokenizer(spec: Spec):
                                                   cache_dir=spec.model.cache_dir,
                                                   token=spec.training.hub_token)
     except (OSError, ValueError) as error:
-        raise InputError(f"could not load tokenizer '{name}': {first_line(error)}") from None
+        raise InputError(f"could not load tokenizer '{name}' ({first_line(error)}); set model_args.tokenizer_name "
+                         f"to a folder written by train-sentencepiece.py") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

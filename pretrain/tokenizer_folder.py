@@ -28,7 +28,7 @@ LLAMA_CONFIG_KEYS = {"tokenizer_class", "legacy", "add_prefix_space", "added_tok
                      "use_default_system_prompt", "chat_template", *EXTRA_SPECIAL_TOKEN_KEYS}
 ADDED_TOKEN_FIELDS = {"content", "single_word", "lstrip", "rstrip", "normalized", "special"}
 # The transformers releases whose LlamaTokenizer builds what read_llama_tokenizer rebuilds, each checked with
-# tests/test_tokenizer_folder.py; 5.0-5.2 built other pipelines and later releases are unchecked, so with those
+# tests/unit/test_tokenizer_folder.py; 5.0-5.2 built other pipelines and later releases are unchecked, so with those
 # transformers reads Llama folders itself.
 LLAMA_REBUILD_RELEASES = ((5, 3), (5, 24))
 

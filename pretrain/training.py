@@ -34,6 +34,7 @@ from pretrain.loss import causal_lm_loss
 from pretrain.manifest import sha256_file
 from pretrain.model import (build_model, build_optimizer, build_scheduler, count_parameters, llama_config,
                             load_tokenizer, prepare_model, reconcile_vocab_size, tokens_per_step)
+from pretrain.model_card import hardware_description, write_model_card
 from pretrain.state import Run, TrainState
 
 if TYPE_CHECKING:
@@ -453,9 +454,14 @@ def gathered_model_copy(run: Run):
 def finish(run: Run, test_split):
     accelerator = run.accelerator
     result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
-    folder = checkpoint(run, "final-checkpoint", None)
+    run.energy.update(run.state)
+    folder = save_checkpoint(run, "final-checkpoint")
     if accelerator.is_main_process:
         plot_losses(run.output_dir / "metrics.jsonl", run.output_dir / "loss.png")
+        # Into the checkpoint before it is pushed, so the Hub's copy carries the card and its plot.
+        write_model_card(folder, run.spec, run.state, result, hardware=hardware_description(accelerator),
+                         loss_plot=run.output_dir / "loss.png")
+    push_checkpoint(run, folder, None)
     if run.hub is not None:
         run.hub.wait()
     run.energy.stop()
@@ -498,11 +504,10 @@ def plot_losses(metrics_path: Path, image_path: Path):
 
 
 def checkpoint(run: Run, name: str, branch: str | None) -> Path:
-    """Save output_dir/<name>/ with the energy totals up to now and the trackers' CSVs, then push it. Every process
-    calls it."""
+    """Save output_dir/<name>/ with the energy totals up to now (and the trackers' CSVs), then push it. Every
+    process calls it."""
     run.energy.update(run.state)
     folder = save_checkpoint(run, name)
-    run.energy.copy_into(folder)
     push_checkpoint(run, folder, branch)
     return folder
 

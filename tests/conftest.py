@@ -43,6 +43,25 @@ def run_script(script, *args, env=None, cwd=None, timeout=600, check=False):
     return result
 
 
+# Texts whose decode(encode(text)) must give them back exactly: accents, spaces, tabs, code, numbers, emoji, unseen.
+ROUND_TRIPS = [
+    "Ação, coração, informação: a educação é a base da nação.",
+    "Você já comeu pão de queijo em São João del-Rei? Não? Então vá à padaria!",
+    "Maçã, açúcar, caçula, pêssego, avó, avô, órgão, põe, mãe, irmã.",
+    "  dois espaços no início",
+    " um espaço no início e no fim ",
+    "\nlinha nova no início\n\ne duas no meio\n",
+    "espaços   repetidos     aqui\t\ttabs\te mais\t",
+    "def soma(a, b):\n    return a + b  # 42\n\n\tprint(soma(1, 2))",
+    "R$ 12,50; 3,14159; 2024-01-31 às 14h30; +55 (11) 98765-4321; 100%",
+    "emoji 🦙😀👍🏽 e sinais → ≠ ∑ ½",
+    "nunca visto: 汉字 Ελληνικά ẞ ᚠᛇᚻ \u0000\u007f",
+    "",
+    " ",
+    "a",
+]
+
+
 def read_sample_texts():
     with open(SAMPLE, encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle if line.strip()]
@@ -267,3 +286,35 @@ def fake_hub(monkeypatch, tmp_path):
 def _pretrain_modules_holding(function):
     return [module for name, module in list(sys.modules.items())
             if name.split(".")[0] == "pretrain" and getattr(module, "hub_reachable", None) is function]
+
+
+def write_sample_as(folder, kind):
+    """The committed sample as a .jsonl, .txt (one document per line), .parquet, .csv or save_to_disk folder."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def written(folder, name, text):
+        (folder / name).write_bytes(text.encode("utf-8"))
+        return folder / name
+
+    texts = read_sample_texts()
+    folder.mkdir(exist_ok=True)
+    if kind == "jsonl":
+        return written(folder, "sample.jsonl", SAMPLE.read_text(encoding="utf-8"))
+    if kind == "txt":
+        return written(folder, "sample.txt", "\n\n".join(" ".join(t.split()) for t in texts) + "\n")
+    if kind == "parquet":
+        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), folder / "sample.parquet",
+                       row_group_size=50)
+        return folder / "sample.parquet"
+    if kind == "csv":
+        with open(folder / "sample.csv", "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["id", "text"], *enumerate(texts)])
+        return folder / "sample.csv"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": list(range(len(texts))), "text": texts}),
+                          "test": datasets.Dataset.from_dict({"id": [0], "text": ["x"]})}).save_to_disk(
+        str(folder / "saved"))
+    return folder / "saved"

@@ -55,7 +55,7 @@ def run(args) -> None:
     variants = [v for v in VARIANTS if v in requested]
     if not variants or set(requested) - set(VARIANTS):
         raise InputError(f"--variants '{args.variants}': choose from {', '.join(VARIANTS)}")
-    work_dir = Path(args.work_dir)
+    work_dir = Path(args.work_dir).resolve()  # its commands run in the repository, not here
     for size_mb in args.size_mb:
         corpus = build_corpus(args.corpus, Path(args.sample), size_mb, args.seed, work_dir)
         results = measure_size(corpus, variants, work_dir, args)

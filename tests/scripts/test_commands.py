@@ -98,12 +98,6 @@ COMMANDS: dict[str, Run | NotRun] = {
     "--block-size 128 --test-size 0.1 --output-dir data/my-corpus-tokenized":
         Run(needs=("my-tokenizer",), expect=("wrote 'data/my-corpus-tokenized'",),
             files=("data/my-corpus-tokenized/manifest.json", "data/my-corpus-tokenized/test/part-00000.parquet")),
-    # The script's docstring shows the real corpus's block size on the sample, too little text for a 2048-token
-    # block in its 1% test split.
-    "python Utilities/tokenize-dataset.py --dataset-name data/sample/pt-sample.jsonl --tokenizer-name my-tokenizer "
-    "--block-size 2048 --test-size 0.01 --output-dir data/my-corpus-tokenized":
-        Run(needs=("my-tokenizer",), changes=(("--block-size 2048", "--block-size 128"),),
-            files=("data/my-corpus-tokenized/manifest.json",)),
     "python Utilities/tokenize-dataset.py --dataset-name my-corpus.jsonl --tokenizer-name my-tokenizer --block-size "
     "2048 --test-size 30000 --output-dir data/my-corpus-tokenized":
         Run(needs=("my-tokenizer",), changes=(("my-corpus.jsonl", SAMPLE), ("--block-size 2048", "--block-size 128"),
@@ -147,6 +141,24 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(needs=("checkpoint",), expect=("wrote 'model.gguf'",), files=("model.gguf",)),
     "python Utilities/export-gguf.py output/final-checkpoint model-f32.gguf --dtype f32 --overwrite":
         Run(needs=("checkpoint",), expect=("wrote 'model-f32.gguf'",), files=("model-f32.gguf",)),
+    # --- Utilities/evaluate.py: the finished run has no step_N (it saves only its final checkpoint)
+    "python Utilities/evaluate.py output --data data/pt-corpus-tokenized":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("data/pt-corpus-tokenized", "quickstart-output/tokenized"),),
+            expect=("| final-checkpoint | 2 | 512 |",),
+            files=("output/evaluation.csv", "output/evaluation.json", "output/perplexity.png")),
+    "python Utilities/evaluate.py output/step_500 output/final-checkpoint --data data/pt-corpus-tokenized "
+    "--batch-size 16":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("output/step_500 ", ""), ("data/pt-corpus-tokenized", "quickstart-output/tokenized")),
+            expect=("| final-checkpoint | 2 | 512 |",), files=("evaluation.json",)),
+    "python Utilities/evaluate.py user/model --revisions step-1000 main --data data/pt-corpus-tokenized":
+        NotRun("reads its checkpoints from the Hub (test_evaluate.py runs it on a fake Hub)"),
+    "python Utilities/evaluate.py output --data data/pt-corpus-tokenized --update-card "
+    "output/final-checkpoint/README.md":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("data/pt-corpus-tokenized", "quickstart-output/tokenized"),),
+            expect=("updated output/final-checkpoint/README.md",)),
     "lm_eval --model hf --model_args pretrained=output/final-checkpoint,add_bos_token=True --tasks arc_easy,hellaswag "
     "--batch_size 8":
         NotRun("needs lm-evaluation-harness (not installed here) and its tasks' datasets from the Hub"),

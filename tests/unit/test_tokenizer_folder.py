@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_sample_texts
-from test_train_sentencepiece import ROUND_TRIPS
+from conftest import REPO, ROUND_TRIPS, read_sample_texts
 
 from pretrain import tokenizer_folder
 from pretrain.errors import InputError

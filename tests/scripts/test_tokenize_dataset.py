@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script
+from conftest import SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script, write_sample_as
 
 from pretrain import corpus, tokenizer_folder, tokenize_dataset
 from pretrain import manifest as manifest_module
@@ -220,7 +220,6 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])
 def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tmp_path, sample_tokenizer,
                                                                                sample_tokenized, kind):
-    from test_corpus import write_sample_as
 
     cache, out = tmp_path / "cache", tmp_path / "out"
     cache.mkdir()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, SAMPLE, read_sample_texts
+from conftest import REPO, read_sample_texts, write_sample_as
 
 from pretrain import corpus, hub
 from pretrain.corpus import open_corpus
@@ -460,30 +460,6 @@ def test_a_file_that_shrinks_while_it_is_read_is_refused(tmp_path):
             opened.texts([0])
 
 
-
-
-def write_sample_as(folder, kind):
-    """The committed sample as a .jsonl, .txt (one document per line), .parquet, .csv or save_to_disk folder."""
-    import datasets
-
-    texts = read_sample_texts()
-    folder.mkdir(exist_ok=True)
-    if kind == "jsonl":
-        return written(folder, "sample.jsonl", SAMPLE.read_text(encoding="utf-8"))
-    if kind == "txt":
-        return written(folder, "sample.txt", "\n\n".join(" ".join(t.split()) for t in texts) + "\n")
-    if kind == "parquet":
-        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), folder / "sample.parquet",
-                       row_group_size=50)
-        return folder / "sample.parquet"
-    if kind == "csv":
-        with open(folder / "sample.csv", "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([["id", "text"], *enumerate(texts)])
-        return folder / "sample.csv"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": list(range(len(texts))), "text": texts}),
-                          "test": datasets.Dataset.from_dict({"id": [0], "text": ["x"]})}).save_to_disk(
-        str(folder / "saved"))
-    return folder / "saved"
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])

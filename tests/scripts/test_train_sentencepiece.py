@@ -7,29 +7,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, SAMPLE, TEST_VOCAB_SIZE, read_sample_texts, run_script
+from conftest import REPO, ROUND_TRIPS, SAMPLE, TEST_VOCAB_SIZE, read_sample_texts, run_script, write_sample_as
 
 from pretrain import corpus, tokenizer_training
 
 SCRIPT = "train-sentencepiece.py"
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
 BYTE_IDS = range(4, 260)
-ROUND_TRIPS = [
-    "Ação, coração, informação: a educação é a base da nação.",
-    "Você já comeu pão de queijo em São João del-Rei? Não? Então vá à padaria!",
-    "Maçã, açúcar, caçula, pêssego, avó, avô, órgão, põe, mãe, irmã.",
-    "  dois espaços no início",
-    " um espaço no início e no fim ",
-    "\nlinha nova no início\n\ne duas no meio\n",
-    "espaços   repetidos     aqui\t\ttabs\te mais\t",
-    "def soma(a, b):\n    return a + b  # 42\n\n\tprint(soma(1, 2))",
-    "R$ 12,50; 3,14159; 2024-01-31 às 14h30; +55 (11) 98765-4321; 100%",
-    "emoji 🦙😀👍🏽 e sinais → ≠ ∑ ½",
-    "nunca visto: 汉字 Ελληνικά ẞ ᚠᛇᚻ \u0000\u007f",
-    "",
-    " ",
-    "a",
-]
 UNSEEN = "汉字 ᚠᛇᚻ 🦙"
 
 
@@ -333,7 +317,6 @@ def test_text_file_and_jsonl_give_the_same_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])
 def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tmp_path, sample_tokenizer, kind):
-    from test_corpus import write_sample_as
 
     cache = tmp_path / "cache"
     cache.mkdir()

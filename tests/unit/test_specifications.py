@@ -347,7 +347,8 @@ SPECS_YAML = {
                    "sample_every": 5000,
                    "generation_seeds": ["A capital do Brasil é", "Era uma vez uma menina que",
                                         "A receita de pão de queijo leva", "O rio Amazonas", "Em 1822, o Brasil"],
-                   "track_energy": True, "energy_country_iso_code": "BRA", "energy_region": None},
+                   "track_energy": True, "energy_country_iso_code": "BRA", "energy_region": None,
+                   "language": "pt", "license": "apache-2.0"},
 }
 VARIANT_VALUES = {
     "specs-460m.yaml": {

@@ -1,5 +1,5 @@
 """pretrain/faults.py without a training run: the step verdict, stop signals (real ones, to this process), skipped
-steps and rollbacks against a small fake accelerator. tests/test_faults.py runs the same paths end to end."""
+steps and rollbacks against a small fake accelerator. tests/scripts/test_training_faults.py runs the same paths end to end."""
 
 import json
 import os

@@ -1,0 +1,262 @@
+"""Utilities/evaluate.py: the eval loss and perplexity of saved checkpoints on a tokenized folder's test split.
+
+    main(["output", "--data", "data/pt-corpus-tokenized"])   # as `python Utilities/evaluate.py` does
+
+A run's output_dir stands for every complete step_N and its final-checkpoint. The numbers come from the function
+pre-training.py evaluates with (pretrain/evaluation.py), in the mixed precision the checkpoint was trained with,
+so they equal what the run logged for the same checkpoint. Results: a Markdown table on stdout, evaluation.csv,
+evaluation.json and perplexity.png (perplexity against tokens seen) in --output-dir; --update-card adds the table
+to a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from pretrain.checkpoints import step_folders
+from pretrain.errors import InputError, first_line
+from pretrain.hub import looks_local, require_hub
+
+COLUMNS = ["checkpoint", "step", "tokens_seen", "eval_loss", "perplexity", "eval_tokens", "energy_kwh", "co2_kg"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint folders, a run's output_dir, or a Hub repository")
+    parser.add_argument("--data", required=True, help="tokenized folder (written by Utilities/tokenize-dataset.py) "
+                                                      "whose test/ split is evaluated on")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per evaluation batch (default 8)")
+    parser.add_argument("--revisions", nargs="+", default=None,
+                        help="branches, tags or commits of a Hub repository to evaluate (default: main)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where evaluation.csv/.json and perplexity.png go (default: the run folder when one "
+                             "is given, else the current folder)")
+    parser.add_argument("--update-card", default=None, metavar="CARD",
+                        help="a model card (README.md) to add the results table to")
+    parser.add_argument("--token", default=os.environ.get("HF_TOKEN"), help="Hub token (default: HF_TOKEN)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.update_card is not None:
+        from pretrain.model_card import load_card
+
+        load_card(Path(args.update_card))  # a card that cannot be updated stops the command before any work
+    checkpoints, run_folder = find_checkpoints(args.checkpoints, args.revisions, args.token)
+    output_dir = Path(args.output_dir) if args.output_dir else run_folder or Path.cwd()
+    rows = evaluate_checkpoints(checkpoints, Path(args.data), args.batch_size)
+    table = markdown_table(rows)
+    print(table)
+    for path in write_results(rows, output_dir):
+        print(f"wrote {path}")
+    if args.update_card is not None:
+        from pretrain.model_card import add_results_table
+
+        print(f"updated {add_results_table(Path(args.update_card), table)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What to evaluate
+
+def find_checkpoints(names: list[str], revisions: list[str] | None, token: str | None):
+    """[(label, folder)] for every name given, and the run folder when exactly one run's output_dir was given."""
+    found, runs = [], []
+    for name in names:
+        if not looks_local(name):
+            found += download_revisions(name, revisions or ["main"], token)
+            continue
+        path = Path(name).expanduser()
+        if revisions:
+            raise InputError(f"--revisions is for a Hub repository, but '{name}' is a local path; drop --revisions")
+        if (path / "config.json").is_file():
+            found.append((path.name, path))
+        elif path.is_dir() and (run := run_checkpoints(path)):
+            found += run
+            runs.append(path)
+        elif not path.exists():
+            raise InputError(f"checkpoint '{name}' does not exist; give a checkpoint folder (output_dir/step_N, "
+                             f"output_dir/final-checkpoint), a run's output_dir or a Hub repository")
+        else:
+            raise InputError(f"'{name}' is neither a checkpoint (no config.json) nor a run's output_dir (no "
+                             f"complete step_N or final-checkpoint in it); give one of those")
+    return found, runs[0] if len(runs) == 1 and len(names) == 1 else None
+
+
+def run_checkpoints(output_dir: Path) -> list[tuple[str, Path]]:
+    """The complete checkpoints of a run, oldest first: step_N, then final-checkpoint."""
+    found = [(folder.name, folder) for _, folder in step_folders(output_dir)]
+    final = output_dir / "final-checkpoint"
+    if (final / "trainer_state.json").is_file():
+        found.append((final.name, final))
+    return found
+
+
+def download_revisions(repo_id: str, revisions: list[str], token: str | None) -> list[tuple[str, Path]]:
+    require_hub("checkpoint", repo_id)
+    from huggingface_hub import snapshot_download
+
+    found = []
+    for revision in revisions:
+        try:
+            folder = snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=["accelerate_state/*"])
+        except Exception as error:  # unknown repository or revision, gated, no permission
+            raise InputError(f"could not download revision '{revision}' of '{repo_id}' from the Hub "
+                             f"({first_line(error)}); check the name and --revisions, or pass a local folder") from None
+        found.append((f"{repo_id}@{revision}", Path(folder)))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating
+
+def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_size: int) -> list[dict]:
+    """One row per checkpoint, in the order given; every input is checked before the first model is evaluated."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from pretrain.evaluation import evaluate
+    from pretrain.tokenized_data import open_tokenized_folder
+
+    specs = [saved_spec(folder) for _, folder in checkpoints]
+    configs = [model_config(folder) for _, folder in checkpoints]
+    block_size = specs[0].get("data_args", {}).get("block_size") or manifest_block_size(data)
+    _, test_split = open_tokenized_folder(data, block_size=block_size,
+                                          vocab_size=min(config.vocab_size for config in configs),
+                                          need_train=False, need_test=True)
+    precisions = sorted({spec.get("extra_args", {}).get("mixed_precision") or "no" for spec in specs})
+    if len(precisions) > 1:
+        # One Accelerator per process, so one autocast: a checkpoint evaluated in another precision than it trained
+        # in would not reproduce the numbers its run logged.
+        raise InputError(f"the checkpoints were trained in different mixed precision ({', '.join(precisions)}); "
+                         f"evaluate the checkpoints of each precision in a call of their own")
+    accelerator = Accelerator(mixed_precision=precisions[0])
+    rows = []
+    for (label, folder), spec in tqdm(list(zip(checkpoints, specs)), desc="evaluating", unit="checkpoint",
+                                      disable=not accelerator.is_local_main_process):
+        model = accelerator.prepare(load_model(folder, spec))
+        result = evaluate(accelerator, model, test_split, batch_size)
+        rows.append(result_row(label, folder, result))
+        accelerator.free_memory(model)
+    return rows
+
+
+def saved_spec(folder: Path) -> dict:
+    path = folder / "spec.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def model_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as error:
+        raise InputError(f"checkpoint '{folder}' has no readable model config ({first_line(error)}); give a folder "
+                         f"that pre-training.py wrote") from None
+
+
+def manifest_block_size(data: Path) -> int:
+    from pretrain.manifest import read_manifest
+
+    manifest = read_manifest(data) if data.is_dir() else None
+    if manifest is None or not manifest.get("block_size"):
+        raise InputError(f"the checkpoint has no spec.yaml and '{data}' no manifest.json, so the block size is "
+                         f"unknown; give a tokenized folder written by Utilities/tokenize-dataset.py")
+    return int(manifest["block_size"])
+
+
+def load_model(folder: Path, spec: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.model import attention_implementation
+
+    attention = attention_implementation(spec.get("model_args", {}).get("attn_implementation") or "sdpa", print)
+    # float32 as training holds its weights; autocast (from the Accelerator) lowers the matmuls as training did.
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
+
+
+def result_row(label: str, folder: Path, result: dict) -> dict:
+    state_path = folder / "trainer_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    row = {"checkpoint": label, "step": state.get("step"), "tokens_seen": state.get("tokens_seen"), **result}
+    # Zero means nothing was measured (energy tracking off), not a free run.
+    for key in ("energy_kwh", "co2_kg"):
+        row[key] = state.get(key) or None
+    return {column: row.get(column) for column in COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+
+def markdown_table(rows: list[dict]) -> str:
+    energy = any(row["energy_kwh"] for row in rows)
+    header = ["checkpoint", "step", "tokens seen", "eval loss", "perplexity"] + \
+        (["energy (kWh)", "CO2 (kg)"] if energy else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["checkpoint"], _number(row["step"]), _number(row["tokens_seen"]), f"{row['eval_loss']:.4f}",
+                 f"{row['perplexity']:.2f}"]
+        if energy:
+            cells += [_number(row["energy_kwh"], ".4g"), _number(row["co2_kg"], ".4g")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value, spec: str = ",") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_results(rows: list[dict], output_dir: Path) -> list[Path]:
+    """evaluation.csv, evaluation.json and perplexity.png, each written whole or not at all."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / "evaluation.csv", output_dir / "evaluation.json", output_dir / "perplexity.png"]
+    writers = [_write_csv, _write_json, _plot_perplexity]
+    for path, write in zip(paths, writers):
+        staging = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        write(rows, staging)
+        os.replace(staging, path)
+    return paths
+
+
+def _write_csv(rows: list[dict], path: Path):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+
+
+def _write_json(rows: list[dict], path: Path):
+    path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+def _plot_perplexity(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((row["tokens_seen"], row["perplexity"]) for row in rows
+                    if row["tokens_seen"] is not None and math.isfinite(row["perplexity"]))
+    figure, axes = plt.subplots(figsize=(8, 5))
+    if points:
+        axes.plot(*zip(*points), "o-", label="test perplexity")
+        axes.legend()
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("perplexity")
+    axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
