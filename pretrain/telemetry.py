@@ -109,4 +109,6 @@ def progress_postfix(record: dict) -> dict:
         shown["mfu"] = f"{record['mfu']:.1%}"
     if record.get("gpu_peak_memory_gib") is not None:
         shown["mem_gib"] = f"{record['gpu_peak_memory_gib']:.1f}"
+    if record.get("energy_kwh") is not None:
+        shown["kwh"] = f"{record['energy_kwh']:.3g}"
     return shown

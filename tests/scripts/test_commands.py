@@ -190,15 +190,14 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(extra=f"--size-mb 0.2 {BENCH_DIR}", expect=('"variant": "ours"',)),
     "python Utilities/benchmark.py tokenizer --size-mb 100":
         Run(changes=(("--size-mb 100", "--size-mb 0.2"),), extra=BENCH_DIR, expect=('"variant": "ours"',)),
-    "python Utilities/benchmark.py tokenizer --size-mb 100 --repeats 2":
-        Run(changes=(("--size-mb 100 --repeats 2", "--size-mb 0.2"),), extra=BENCH_DIR, expect=('"variant": "ours"',)),
-    "python Utilities/benchmark.py tokenizer --size-mb 300":
-        Run(changes=(("--size-mb 300", "--size-mb 0.2"),), extra=BENCH_DIR, expect=('"variant": "ours"',)),
+    "python Utilities/benchmark.py tokenizer --size-mb 530 1060 --vocab-size 8000":
+        Run(changes=(("--size-mb 530 1060 --vocab-size 8000", "--size-mb 0.2 --vocab-size 400"),), extra=BENCH_DIR,
+            expect=('"variant": "ours"',)),
     # A megabyte: the default 1% test split must hold one 2048-token block.
     "python Utilities/benchmark.py tokenize --corpus-mb 100":
         Run(changes=(("--corpus-mb 100", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS, expect=('"variant": "ratios"',)),
-    "python Utilities/benchmark.py tokenize --corpus-mb 100 300 --repeat 3":
-        Run(changes=(("--corpus-mb 100 300 --repeat 3", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS,
+    "python Utilities/benchmark.py tokenize --corpus-mb 117 --repeat 3":
+        Run(changes=(("--corpus-mb 117 --repeat 3", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS,
             expect=('"variant": "ratios"',)),
     "python Utilities/benchmark.py gpu --out gpu.jsonl":
         NotRun("needs a CUDA GPU (its --smoke form, every part tiny on the CPU, runs in test_gpu_benchmark.py)"),

@@ -105,3 +105,6 @@ def test_telemetry_and_progress_bar_show_only_what_the_device_has():
     record.update(mfu=0.4312, gpu_peak_memory_gib=41.26)
     assert telemetry.progress_postfix(record)["mfu"] == "43.1%"
     assert telemetry.progress_postfix(record)["mem_gib"] == "41.3"
+    assert "kwh" not in telemetry.progress_postfix(record)
+    record.update(energy_kwh=0.012345)
+    assert telemetry.progress_postfix(record)["kwh"] == "0.0123"
