@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, run_script
 
 from pretrain import telemetry
-from pretrain.benchmarks import gpu, micro_batch, training_step
+from pretrain.benchmarks import gpu, training_step
 from pretrain.benchmarks.measure import Measured, run_measured
 from pretrain.model import llama_config
 from specifications import load_spec
@@ -274,18 +274,6 @@ def test_levers_are_in_effect_only_inside_their_context():
     assert not inductor.max_autotune and torch.backends.cuda.flash_sdp_enabled()
     with training_step.speed_levers(argparse.Namespace(compile_mode="default", sdpa_backend="auto")):
         assert not inductor.max_autotune and torch.backends.cuda.flash_sdp_enabled()
-
-
-def test_doubling_can_start_above_one():
-    def trial(size):
-        if size >= 64:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return {"peak_memory_gib": size * 2.0}
-
-    seen = []
-    assert micro_batch.find_largest_micro_batch(trial, 256, lambda m, r: seen.append((m, r["fits"])), start=8) == 32
-    assert seen == [(8, True), (16, True), (32, True), (64, False)]
-    assert micro_batch.find_largest_micro_batch(trial, 256, lambda m, r: None, start=64) is None
 
 
 # --- MFU both ways ------------------------------------------------------------------------------------------------

@@ -1,16 +1,13 @@
 """Training speed end to end: the tuned loop (compile, fused AdamW, chunked cross-entropy) must train like the
-plain one, the same losses step for step on the same data. The pieces have their own unit tests: test_loss.py,
-test_telemetry.py, test_model.py.
+plain one, the same losses step for step on the same data. The pieces have their own unit tests in tests/unit/:
+test_loss.py, test_telemetry.py, test_model.py, test_micro_batch.py.
 """
 
 import json
 
 import pytest
-import torch
 
-from conftest import TINY_MODEL, run_script, tiny_llama
-
-from pretrain.benchmarks import micro_batch
+from conftest import TINY_MODEL, run_script
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -23,37 +20,6 @@ PLAIN = ["training_args.compile_model=false", "training_args.fused_optimizer=fal
 # shapes let the compiled kernels be shared, which keeps compiling short.
 TUNED = ["training_args.compile_model=true", "training_args.fused_optimizer=true",
          "training_args.cross_entropy_chunk_tokens=254"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Micro-batch guidance
-
-def test_largest_micro_batch_doubles_until_out_of_memory():
-    def trial(micro_batch):
-        if micro_batch >= 16:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return {"peak_memory_gib": micro_batch * 4.0}
-
-    seen = []
-    assert micro_batch.find_largest_micro_batch(trial, 256, lambda m, r: seen.append((m, r["fits"]))) == 8
-    assert seen == [(1, True), (2, True), (4, True), (8, True), (16, False)]
-    seen.clear()
-    assert micro_batch.find_largest_micro_batch(trial, 4, lambda m, r: seen.append(m)) == 4
-    assert seen == [1, 2, 4]
-    assert micro_batch.find_largest_micro_batch(lambda m: {"fits": False}, 64, lambda m, r: None) is None
-
-
-def test_activation_estimate_grows_with_the_batch_and_chunking_saves_the_logits():
-    config = tiny_llama(vocab_size=2048).config
-    chunked = micro_batch.activation_profile(config, 64, 64, None)
-    full = micro_batch.activation_profile(config, 64, None, None)
-    assert chunked["layer_bytes_per_token"] == pytest.approx(full["layer_bytes_per_token"])
-    # The full loss keeps float32 log-probabilities of every token (4 bytes x 2,048); the chunked one a gradient of
-    # the hidden state (4 bytes x 32).
-    assert full["base_bytes_per_token"] - chunked["base_bytes_per_token"] >= 4 * 2048 - 4 * 32
-    sizes = [micro_batch.estimated_memory_gib(config, chunked, block_size=64, micro_batch=m, chunk_tokens=64,
-                                             mixed_precision=False) for m in (1, 2, 4)]
-    assert sizes[0] < sizes[1] < sizes[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
