@@ -129,7 +129,7 @@ def prune_checkpoints(output_dir: Path, keep_last: int, protected) -> list[Path]
     return doomed
 
 
-def save_checkpoint(run: Run, name: str) -> Path:
+def save_checkpoint(run: Run, name: str, write_extra=None) -> Path:
     """Write output_dir/<name>/ under a hidden name and rename it into place once complete (every process calls it).
 
     A kill at any moment leaves the previous checkpoints and at most a hidden partial folder. A write error (a full
@@ -144,7 +144,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
         error = _agree(accelerator, _attempt(accelerator.save_state, str(staging / "accelerate_state")))
     if error is None:
         state_dict = accelerator.get_state_dict(run.model)  # every process takes part under FSDP
-        error = _agree(accelerator, _attempt(_write_model_and_state, run, staging, state_dict, name))
+        error = _agree(accelerator, _attempt(_write_model_and_state, run, staging, state_dict, name, write_extra))
     if error is None and accelerator.is_main_process:
         error = _attempt(publish, staging, final, final.with_name(f".{final.name}.old"))
     error = _agree(accelerator, error)
@@ -200,7 +200,7 @@ def _fresh_folder(folder: Path):
     folder.mkdir(parents=True)
 
 
-def _write_model_and_state(run: Run, staging: Path, state_dict, name: str):
+def _write_model_and_state(run: Run, staging: Path, state_dict, name: str, write_extra=None):
     from pretrain.tokenizer_files import special_tokens_of, write_tokenizer_files
 
     accelerator = run.accelerator
@@ -213,6 +213,8 @@ def _write_model_and_state(run: Run, staging: Path, state_dict, name: str):
         (staging / "spec.yaml").write_text(run.spec.to_yaml(), encoding="utf-8")
         if run.energy is not None:
             run.energy.copy_into(staging)
+        if write_extra is not None:  # files of this checkpoint only (the final one's model card), published with it
+            write_extra(staging)
         state = dict(run.state.__dict__, name=name, tokens_per_step=run.tokens_per_step)
         # Written last: latest_checkpoint() also asks for it, so a folder copied by hand half-way is not taken.
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))

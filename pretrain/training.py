@@ -455,12 +455,13 @@ def finish(run: Run, test_split):
     accelerator = run.accelerator
     result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
     run.energy.update(run.state)
-    folder = save_checkpoint(run, "final-checkpoint")
-    if accelerator.is_main_process:
+
+    def card_and_plot(staging: Path):  # in the folder before it is published, so it is whole with it, and pushed
         plot_losses(run.output_dir / "metrics.jsonl", run.output_dir / "loss.png")
-        # Into the checkpoint before it is pushed, so the Hub's copy carries the card and its plot.
-        write_model_card(folder, run.spec, run.state, result, hardware=hardware_description(accelerator),
+        write_model_card(staging, run.spec, run.state, result, hardware=hardware_description(accelerator),
                          loss_plot=run.output_dir / "loss.png")
+
+    folder = save_checkpoint(run, "final-checkpoint", write_extra=card_and_plot)
     push_checkpoint(run, folder, None)
     if run.hub is not None:
         run.hub.wait()
