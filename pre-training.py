@@ -5,10 +5,11 @@
     python pre-training.py --spec-file specs.yaml training_args.max_steps=20 data_args.folder_path=/data/x
     accelerate launch --num_processes=4 pre-training.py --spec-file specs.yaml   # several GPUs
 
-Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), trains with AdamW and a
-warm-up schedule counted in optimizer steps, evaluates perplexity over the whole test split, samples text,
-writes resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`, and logs every
-`wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B when enabled). The loop is pretrain/training.py.
+Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), or the folders of
+`data_args.mixture` by weight, trains with AdamW and a warm-up schedule counted in optimizer steps, evaluates
+perplexity over the whole test split, samples text, writes resumable checkpoints to `output_dir/step_N/` and
+`output_dir/final-checkpoint/`, and logs every `wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B
+when enabled). The loop is pretrain/training.py.
 """
 
 from pretrain import training
@@ -21,10 +22,10 @@ def main(argv=None):
     if args.dry_run:
         training.print_dry_run(spec)
         return
-    run, train_split, test_split, max_steps = training.setup(spec)
+    run, sources, max_steps = training.setup(spec)
     if spec.training.do_train:
-        training.fit(run, train_split, test_split, max_steps)
-    training.finish(run, test_split)
+        training.fit(run, sources, max_steps)
+    training.finish(run, sources)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ class ModelArguments:
 class DataTrainingArguments:
     dataset_name: str | None = spec_field(None, "Name of the corpus the tokenized folder came from (recorded with the checkpoints).")
     folder_path: str = spec_field("data/pt-corpus-tokenized", "Tokenized folder written by Utilities/tokenize-dataset.py: train/ and test/ of parquet files.")
+    mixture: dict[str, float] | None = spec_field(None, "Train on several tokenized folders instead of `folder_path`: a mapping of folder to weight, its share of the train tokens (e.g. {data/web: 3, data/books: 1}); each is evaluated on its own test split too.")
+    document_attention: bool = spec_field(False, "Let each token attend only to the tokens of its own document within a packed block: positions restart at each document and the target that starts a document is left out of the loss.")
     dataset_split: str = spec_field("train", "Split of `dataset_name` the corpus was made from (recorded with the checkpoints).")
     block_size: int = spec_field(2048, "Tokens per training sequence; must equal the tokenized folder's block size.", minimum=2)
     overwrite_cache: bool = spec_field(False, "Kept for older spec files, no effect: the tokenized folder is read in place, so there is no cache (a run set to true says so).")
@@ -156,6 +158,9 @@ class ExtraArguments:
     energy_region: str | None = spec_field(None, "Region of that country with its own electricity mix in CodeCarbon (US states, Canadian provinces), e.g. california; null: the country's average.")
     language: str = spec_field("pt", "Language of the training text as an ISO 639-1 code, for the model card's metadata.")
     license: str = spec_field("apache-2.0", "License of the trained model as a Hub license id, for the model card's metadata.")
+    eval_tasks: list[str] | None = spec_field(None, "Benchmarks of lm-evaluation-harness to run at every evaluation and at the end: harness task names or a preset (portuguese, portuguese_translated, portuguese_leaderboard); null: none.")
+    eval_task_limit: int | None = spec_field(None, "Examples per benchmark task of eval_tasks (null: all); the other processes wait while the main process runs them.", minimum=1)
+    eval_include_path: str | None = spec_field(None, "Folder of your own harness task YAML files that eval_tasks may name, beside the harness's own tasks.")
 
 
 GROUPS = {"model_args": ModelArguments, "data_args": DataTrainingArguments,
@@ -334,6 +339,12 @@ def coerce(value, base):
         if isinstance(value, str):
             value = [value]
         return list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    if typing.get_origin(base) is dict:
+        if not isinstance(value, dict) or not value:
+            return None
+        numbers = {str(key): as_float(number) if not isinstance(number, bool) else None
+                   for key, number in value.items()}
+        return numbers if all(n is not None and math.isfinite(n) for n in numbers.values()) else None
     return value
 
 
@@ -352,6 +363,8 @@ def as_float(value):
 def type_name(base) -> str:
     if typing.get_origin(base) is list:
         return "list of strings"
+    if typing.get_origin(base) is dict:
+        return "a mapping of folder to weight"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
 
 
@@ -394,6 +407,9 @@ def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
         notes.append(f"warning: data_args.block_size ({d.block_size}) is above model_args.max_position_embeddings "
                      f"({m.max_position_embeddings}): the model trains on longer sequences than its config says it "
                      f"handles; raise max_position_embeddings to block_size")
+    if d.mixture is not None:
+        problems += [f"data_args.mixture: the weight of '{folder}' must be greater than 0, got {weight:g}"
+                     for folder, weight in d.mixture.items() if weight <= 0]
     if not t.do_train and not t.do_eval:
         problems.append("training_args.do_train and training_args.do_eval are both false: nothing to do")
     if t.do_eval and t.evaluation_strategy == "steps" and not t.eval_steps:
@@ -414,6 +430,12 @@ def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
                         "name the model to continue training")
     if e.sample_every and not e.generation_seeds:
         problems.append("extra_args.sample_every is set but extra_args.generation_seeds is empty")
+    if e.eval_tasks and not t.do_eval:
+        problems.append("extra_args.eval_tasks run with the evaluations, but training_args.do_eval is false: set "
+                        "do_eval true or drop eval_tasks")
+    elif not e.eval_tasks and (e.eval_task_limit is not None or e.eval_include_path is not None):
+        notes.append("note: extra_args.eval_task_limit and eval_include_path have no effect without "
+                     "extra_args.eval_tasks")
     if t.adam_beta1 >= 1 or t.adam_beta2 >= 1:
         problems.append("training_args.adam_beta1 and adam_beta2 must be below 1")
     # Accepted so that older spec files load, but nothing here can act on them.
@@ -529,6 +551,8 @@ def spec_yaml(spec: Spec, header: str) -> str:
             lines += comment_lines(f.metadata["help"], "  ")
             if isinstance(value, list) and value:
                 lines += [f"  {f.name}:"] + [f"    - {yaml_scalar(item)}" for item in value]
+            elif isinstance(value, dict):
+                lines += [f"  {f.name}:"] + [f"    {yaml_scalar(k)}: {yaml_scalar(v)}" for k, v in value.items()]
             else:
                 lines.append(f"  {f.name}: {yaml_scalar(value)}")
             lines.append("")

@@ -1,12 +1,17 @@
-"""Evaluate saved checkpoints on a tokenized folder's test split: eval loss and perplexity as pre-training.py logs.
+"""Evaluate saved checkpoints on a tokenized folder's test split (eval loss and perplexity as pre-training.py logs
+them) and on lm-evaluation-harness benchmarks.
 
     python Utilities/evaluate.py output --data data/pt-corpus-tokenized
     python Utilities/evaluate.py output/step_500 output/final-checkpoint --data data/pt-corpus-tokenized --batch-size 16
     python Utilities/evaluate.py user/model --revisions step-1000 main --data data/pt-corpus-tokenized
     python Utilities/evaluate.py output --data data/pt-corpus-tokenized --update-card output/final-checkpoint/README.md
+    python Utilities/evaluate.py output --data data/pt-corpus-tokenized --tasks portuguese --limit 100
 
-A run's output_dir stands for every complete step_N and its final-checkpoint. Prints a Markdown table and writes
-evaluation.csv, evaluation.json and perplexity.png to --output-dir (default: the run folder, else the current folder).
+A run's output_dir stands for every complete step_N and its final-checkpoint. --tasks names harness tasks (comma or
+space separated) or a preset (portuguese, portuguese_translated, portuguese_leaderboard); --include-path adds
+folders of your own task YAML files, --limit caps the examples per task, --num-fewshot sets the shots of every
+task. Prints a Markdown table and writes evaluation.csv, evaluation.json and perplexity.png to --output-dir
+(default: the run folder, else the current folder).
 """
 
 import sys

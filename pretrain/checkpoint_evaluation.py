@@ -1,12 +1,15 @@
-"""Utilities/evaluate.py: the eval loss and perplexity of saved checkpoints on a tokenized folder's test split.
+"""Utilities/evaluate.py: the eval loss and perplexity of saved checkpoints on a tokenized folder's test split, and
+their downstream benchmarks with lm-evaluation-harness.
 
     main(["output", "--data", "data/pt-corpus-tokenized"])   # as `python Utilities/evaluate.py` does
+    main(["output", "--data", "data/pt-corpus-tokenized", "--tasks", "portuguese", "--limit", "100"])
 
 A run's output_dir stands for every complete step_N and its final-checkpoint. The numbers come from the function
 pre-training.py evaluates with (pretrain/evaluation.py), in the mixed precision the checkpoint was trained with,
-so they equal what the run logged for the same checkpoint. Results: a Markdown table on stdout, evaluation.csv,
-evaluation.json and perplexity.png (perplexity against tokens seen) in --output-dir; --update-card adds the table
-to a model card.
+so they equal what the run logged for the same checkpoint. --tasks adds the harness's benchmarks (pretrain/harness.py,
+the function pre-training.py runs them with), one column per metric. Results: a Markdown table on stdout,
+evaluation.csv, evaluation.json and perplexity.png (perplexity, and each benchmark metric, against tokens seen) in
+--output-dir; --update-card adds the table to a model card, and the last checkpoint's benchmarks to its model-index.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import yaml
 
 from pretrain.checkpoints import step_folders
 from pretrain.errors import InputError, first_line
+from pretrain.harness import PRESETS, benchmark_keys, display_name, plot_with_benchmarks, resolve_tasks
 from pretrain.hub import looks_local, require_hub
 
 COLUMNS = ["checkpoint", "step", "tokens_seen", "eval_loss", "perplexity", "eval_tokens", "energy_kwh", "co2_kg"]
@@ -42,6 +46,14 @@ def parse_args(argv=None):
     parser.add_argument("--update-card", default=None, metavar="CARD",
                         help="a model card (README.md) to add the results table to")
     parser.add_argument("--token", default=os.environ.get("HF_TOKEN"), help="Hub token (default: HF_TOKEN)")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                        help="lm-evaluation-harness tasks to benchmark each checkpoint on, comma or space separated, "
+                             "or a preset: " + ", ".join(PRESETS))
+    parser.add_argument("--include-path", nargs="+", default=None, metavar="FOLDER",
+                        help="folders of your own harness task YAML files, beside the harness's own tasks")
+    parser.add_argument("--limit", type=int, default=None, help="examples per benchmark task (default: all)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="few-shot examples for every task (default: a preset's counts, else each task's own)")
     return parser.parse_args(argv)
 
 
@@ -53,9 +65,10 @@ def main(argv=None):
         from pretrain.model_card import load_card
 
         load_card(Path(args.update_card))  # a card that cannot be updated stops the command before any work
+    tasks = benchmark_tasks(args)
     checkpoints, run_folder = find_checkpoints(args.checkpoints, args.revisions, args.token)
     output_dir = Path(args.output_dir) if args.output_dir else run_folder or Path.cwd()
-    rows = evaluate_checkpoints(checkpoints, Path(args.data), args.batch_size)
+    rows, benchmarks = evaluate_checkpoints(checkpoints, Path(args.data), args.batch_size, tasks, args.limit)
     table = markdown_table(rows)
     print(table)
     for path in write_results(rows, output_dir):
@@ -63,7 +76,22 @@ def main(argv=None):
     if args.update_card is not None:
         from pretrain.model_card import add_results_table
 
-        print(f"updated {add_results_table(Path(args.update_card), table)}")
+        print(f"updated {add_results_table(Path(args.update_card), table, benchmarks[-1] if tasks else None)}")
+
+
+def benchmark_tasks(args):
+    """The checked --tasks (None without), every task's data loaded, before any checkpoint is looked at."""
+    if args.tasks is None:
+        given = [option for option, value in (("--include-path", args.include_path), ("--limit", args.limit),
+                                              ("--num-fewshot", args.num_fewshot)) if value is not None]
+        if given:
+            raise InputError(f"{given[0]} is for the benchmarks of --tasks; add --tasks or drop {given[0]}")
+        return None
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, not {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise InputError(f"--num-fewshot must be at least 0, not {args.num_fewshot}")
+    return resolve_tasks(args.tasks, args.include_path, args.num_fewshot)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,16 +148,20 @@ def download_revisions(repo_id: str, revisions: list[str], token: str | None) ->
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluating
 
-def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_size: int) -> list[dict]:
-    """One row per checkpoint, in the order given; every input is checked before the first model is evaluated."""
+def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_size: int, tasks=None,
+                         limit: int | None = None) -> tuple[list[dict], list]:
+    """One row per checkpoint, in the order given, and with `tasks` each checkpoint's BenchmarkResults (else
+    Nones); every input is checked before the first model is evaluated."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from pretrain.evaluation import evaluate
+    from pretrain.harness import benchmark_on_main_process
     from pretrain.tokenized_data import open_tokenized_folder
 
     specs = [saved_spec(folder) for _, folder in checkpoints]
     configs = [model_config(folder) for _, folder in checkpoints]
+    tokenizers = [checkpoint_tokenizer(folder) if tasks else None for _, folder in checkpoints]
     block_size = specs[0].get("data_args", {}).get("block_size") or manifest_block_size(data)
     _, test_split = open_tokenized_folder(data, block_size=block_size,
                                           vocab_size=min(config.vocab_size for config in configs),
@@ -141,14 +173,29 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_
         raise InputError(f"the checkpoints were trained in different mixed precision ({', '.join(precisions)}); "
                          f"evaluate the checkpoints of each precision in a call of their own")
     accelerator = Accelerator(mixed_precision=precisions[0])
-    rows = []
-    for (label, folder), spec in tqdm(list(zip(checkpoints, specs)), desc="evaluating", unit="checkpoint",
-                                      disable=not accelerator.is_local_main_process):
+    rows, benchmarks = [], []
+    for (label, folder), spec, tokenizer in tqdm(list(zip(checkpoints, specs, tokenizers)), desc="evaluating",
+                                                 unit="checkpoint", disable=not accelerator.is_local_main_process):
         model = accelerator.prepare(load_model(folder, spec))
-        result = evaluate(accelerator, model, test_split, batch_size)
+        documents = document_ids(spec, accelerator.unwrap_model(model).config)
+        result = evaluate(accelerator, model, test_split, batch_size, documents=documents)
         rows.append(result_row(label, folder, result))
+        benchmark = None
+        if tasks:
+            benchmark = benchmark_on_main_process(
+                accelerator, accelerator.unwrap_model(model) if accelerator.is_main_process else None, tokenizer,
+                tasks, limit=limit, batch_size=batch_size, max_length=block_size)
+            rows[-1].update(benchmark.metrics)
+        benchmarks.append(benchmark)
         accelerator.free_memory(model)
-    return rows
+    return rows, benchmarks
+
+
+def document_ids(spec: dict, config) -> tuple[int | None, int | None] | None:
+    """(BOS, EOS) when the checkpoint was trained with documents kept apart, so that it is evaluated as its run did."""
+    if not spec.get("data_args", {}).get("document_attention"):
+        return None
+    return config.bos_token_id, config.eos_token_id
 
 
 def saved_spec(folder: Path) -> dict:
@@ -164,6 +211,16 @@ def model_config(folder: Path):
     except Exception as error:
         raise InputError(f"checkpoint '{folder}' has no readable model config ({first_line(error)}); give a folder "
                          f"that pre-training.py wrote") from None
+
+
+def checkpoint_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:
+        raise InputError(f"checkpoint '{folder}' has no readable tokenizer ({first_line(error)}), which the "
+                         f"benchmarks need; give a folder that pre-training.py wrote") from None
 
 
 def manifest_block_size(data: Path) -> int:
@@ -202,14 +259,16 @@ def result_row(label: str, folder: Path, result: dict) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     energy = any(row["energy_kwh"] for row in rows)
+    benchmarks = benchmark_keys(rows)
     header = ["checkpoint", "step", "tokens seen", "eval loss", "perplexity"] + \
-        (["energy (kWh)", "CO2 (kg)"] if energy else [])
+        (["energy (kWh)", "CO2 (kg)"] if energy else []) + [display_name(key) for key in benchmarks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["checkpoint"], _number(row["step"]), _number(row["tokens_seen"]), f"{row['eval_loss']:.4f}",
                  f"{row['perplexity']:.2f}"]
         if energy:
             cells += [_number(row["energy_kwh"], ".4g"), _number(row["co2_kg"], ".4g")]
+        cells += [_number(row.get(key), ".4f") for key in benchmarks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,7 +291,7 @@ def write_results(rows: list[dict], output_dir: Path) -> list[Path]:
 
 def _write_csv(rows: list[dict], path: Path):
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS + benchmark_keys(rows))
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
 
@@ -242,21 +301,17 @@ def _write_json(rows: list[dict], path: Path):
 
 
 def _plot_perplexity(rows: list[dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = sorted((row["tokens_seen"], row["perplexity"]) for row in rows
                     if row["tokens_seen"] is not None and math.isfinite(row["perplexity"]))
-    figure, axes = plt.subplots(figsize=(8, 5))
-    if points:
-        axes.plot(*zip(*points), "o-", label="test perplexity")
-        axes.legend()
-    axes.set_xlabel("tokens seen")
-    axes.set_ylabel("perplexity")
-    axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+
+    def draw_perplexity(axes):
+        if points:
+            axes.plot(*zip(*points), "o-", label="test perplexity")
+            axes.legend()
+        axes.set_xlabel("tokens seen")
+        axes.set_ylabel("perplexity")
+        axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+
+    # Beside the perplexity, a panel for each benchmark metric.
+    plot_with_benchmarks(path, rows, draw_perplexity)

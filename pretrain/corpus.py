@@ -10,6 +10,8 @@ Local corpora are read in place, without the datasets library and without a conv
   ASCII whitespace only (spaces, tabs, \\v, \\f) is blank and skipped, while a line whose only characters are other
   whitespace (a no-break space, U+2028, \\x1c...) is kept as a document. The file must be UTF-8.
 - .jsonl/.json: JSON Lines, one object per line, blank lines skipped; the column's values are strings or null.
+  Records are parsed many at a time by pyarrow's JSON reader where it reads them as json.loads does, and one by
+  one by json.loads otherwise, which then names a bad record.
 - .csv: a header, then one record per row (quoted fields may hold line breaks); an empty field or one of pandas'
   missing-value words (NA, null, NaN...) is a missing document, as datasets' CSV reader gave it.
 - .parquet, and a folder of files of one of these types (read in sorted order, subfolders included).
@@ -43,6 +45,7 @@ import io
 import json
 import os
 from array import array
+from collections import deque
 from itertools import islice
 from pathlib import Path
 
@@ -52,9 +55,11 @@ from pretrain.errors import InputError, first_line
 from pretrain.hub import TEXT_SUFFIXES, looks_local, require_hub
 
 CHUNK_BYTES = 1 << 24         # read at a time when a text or JSON Lines file is indexed
-READ_GAP = 1 << 16            # sorted documents this close share one read ...
+READ_GAP = 1 << 13            # sorted documents this close share one read (copying a gap beats another read) ...
 READ_SPAN = 1 << 22           # ... which never crosses a multiple of this offset, to bound its size
 SIZE_BATCH = 1 << 14          # documents decoded at a time when their sizes are measured
+BULK_BYTES = 1 << 23          # JSON Lines records parsed at once by pyarrow
+BULK_BLOCK_BYTES = 1 << 20    # ... in blocks of about this size, in parallel
 SCAN_BYTES = 1 << 23          # parquet text decoded at a time
 WINDOW_BYTES = 1 << 26        # parquet text gathered per pass when documents are wanted out of order
 SCHEMA_RECORDS = 1000         # CSV and JSON Lines records whose values decide the column's type
@@ -67,6 +72,10 @@ CSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "
 TEXT_DTYPES = ("string", "large_string")
 ARROW_DTYPES = {"double": "float64", "float": "float32", "halffloat": "float16"}  # datasets' names for them
 JSON_DTYPES = {bool: "bool", int: "int64", float: "float64", str: "string"}
+ASCII_SPACE = np.zeros(256, bool)
+ASCII_SPACE[list(b" \t\n\r\x0b\x0c")] = True
+VALUE_END = np.zeros(256, bool)  # the bytes that may follow a JSON value
+VALUE_END[list(b" \t\n\r,]}")] = True
 
 
 class NotText(ValueError):
@@ -227,7 +236,7 @@ def _line_starts(path: Path, utf8: bool) -> np.ndarray:
                 if data and not cut:  # a line longer than a chunk: keep reading
                     pieces.append(data)
                     continue
-                chunk, pieces = b"".join(pieces) + data[:cut], [data[cut:]]
+                chunk, pieces = b"".join((*pieces, memoryview(data)[:cut])), [data[cut:]]
                 if utf8:
                     _check_utf8(chunk, offset, path)
                 parts.append(offset + _content_line_starts(chunk))
@@ -243,11 +252,22 @@ def _content_line_starts(chunk: bytes) -> np.ndarray:
     if not chunk:
         return np.zeros(0, np.int64)
     data = np.frombuffer(chunk, np.uint8)
-    starts = np.concatenate(([0], np.flatnonzero((data == 10) | (data == 13)) + 1))
+    breaks = data == 10
+    if b"\r" in chunk:
+        breaks |= data == 13
+    breaks = np.flatnonzero(breaks)
+    starts = np.concatenate(([0], breaks + 1))
     starts = starts[starts < len(data)]
-    # ASCII whitespace is \t \n \v \f \r (9-13) and the space (32); a line holding any other byte is a document.
-    content = (data > 32) | (data < 9) | ((data > 13) & (data < 32))
-    return starts[np.logical_or.reduceat(content, starts)].astype(np.int64)
+    # A line holding any byte but ASCII whitespace (\t \n \v \f \r and the space) is a document. Its first byte
+    # tells for most lines; an empty line (one that starts at a break) is blank, and only the lines that start with
+    # a space, \t, \v or \f are read on.
+    first = data[starts]
+    content = ~ASCII_SPACE[first]
+    for line in np.flatnonzero(ASCII_SPACE[first] & (first != 10) & (first != 13)).tolist():
+        start = int(starts[line])
+        end = breaks[np.searchsorted(breaks, start)] if len(breaks) and breaks[-1] >= start else len(chunk)
+        content[line] = bool(chunk[start:end].strip())  # bytes.strip() strips exactly ASCII whitespace
+    return starts[content].astype(np.int64)
 
 
 def _check_utf8(chunk: bytes, offset: int, path: Path) -> None:
@@ -358,9 +378,15 @@ def _arrow_dtype(arrow_type) -> str | None:
 class RecordFormat:
     kind = ""
     exact_ranges = False  # True: a document's byte range is its UTF-8 text, so sizes need no reading
+    in_bulk = False       # True: bulk_column reads many records at once
 
     def decode(self, raw: bytes, file: int) -> str | None:
         raise NotImplementedError
+
+    def bulk_column(self, data: bytes, starts: np.ndarray, ends: np.ndarray, checked: bool = False):
+        """The documents of the records data[starts[i]:ends[i]] as an Arrow string array, or None where they are to
+        be read one by one. `checked`: every record was read in bulk before, so it is known to be fit for it."""
+        return None
 
     def size(self, raw: bytes, file: int) -> int:
         text = self.decode(raw, file)
@@ -378,7 +404,11 @@ class TextLines(RecordFormat):
 
 
 class JsonLines(RecordFormat):
-    kind = "json"
+    """A record is read with json.loads, which defines what the corpus holds and names a bad record. Many records
+    are parsed at once by pyarrow's JSON reader, as fast as the tokenizer needs them, where they are plain enough
+    that it reads them as json.loads does (see _plain_json_lines); the others go one by one."""
+
+    kind, in_bulk = "json", True
 
     def __init__(self, column: str):
         self.column = column
@@ -394,6 +424,79 @@ class JsonLines(RecordFormat):
         if value is None or isinstance(value, str):
             return value
         raise NotText(JSON_DTYPES.get(type(value)))
+
+    def bulk_column(self, data: bytes, starts: np.ndarray, ends: np.ndarray, checked: bool = False):
+        import pyarrow as pa
+        import pyarrow.json as pa_json
+
+        if not len(starts) or not (checked or _plain_json_lines(data, starts, ends)):
+            return None
+        # pyarrow refuses a record that does not fit in a block.
+        block_bytes = max(BULK_BLOCK_BYTES, int((ends - starts).max()) + 1)
+        try:
+            table = pa_json.read_json(
+                pa.BufferReader(data), read_options=pa_json.ReadOptions(block_size=block_bytes),
+                parse_options=pa_json.ParseOptions(explicit_schema=pa.schema([(self.column, pa.string())]),
+                                                   unexpected_field_behavior="ignore"))
+        except (pa.ArrowException, ValueError, OverflowError):  # json.loads then says what is wrong, if anything
+            return None
+        if table.num_rows != len(starts):  # a line holds two objects
+            return None
+        return table.column(0).combine_chunks()
+
+
+def _plain_json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray) -> bool:
+    """Whether pyarrow.json reads the JSON lines data[starts[i]:ends[i]] as json.loads reads each.
+
+    Both parse the JSON grammar and refuse what breaks it, except where pyarrow is more lenient: it copies bytes
+    that are not UTF-8 into its strings, takes the numbers Inf, -Inf and -NaN, and reads any number of objects from
+    any number of lines. So the bytes must be UTF-8 with no NUL (json.loads reads some of those as UTF-16), hold no
+    such number, and each record must start with "{" and end with "}" before its line break: an object cannot then
+    go on past its line (after a "}" inside an object or array, another "{" is an error, and strings hold no line
+    break), so as many objects as lines means one object per line.
+    """
+    view = np.frombuffer(data, np.uint8)
+    if b"\x00" in data or _lenient_number(data, view) or not _is_utf8(data):
+        return False
+    if not np.all(view[starts] == ord("{")):
+        return False
+    length = ends - starts
+    closed = (length >= 3) & (view[ends - 1] == ord("\n")) & (view[ends - 2] == ord("}"))
+    closed |= (length >= 4) & (view[ends - 1] == ord("\n")) & (view[ends - 2] == ord("\r")) & \
+        (view[ends - 3] == ord("}"))
+    # The others: a last record with no line break, or blank lines after a record.
+    return all(data[start:end].rstrip(b" \t\r\n").endswith(b"}")
+               for start, end in zip(starts[~closed].tolist(), ends[~closed].tolist()))
+
+
+def _lenient_number(data: bytes, view: np.ndarray) -> bool:
+    """Whether `data` may hold -NaN, or Inf or -Inf where a JSON value goes: between a ":", "," or "[" and what may
+    follow a value (json refuses them; NaN and Infinity both read). Words such as "Informação" are neither."""
+    minus = np.flatnonzero(view[:-3] == ord("-"))
+    if np.any((view[minus + 1] == ord("N")) & (view[minus + 2] == ord("a")) & (view[minus + 3] == ord("N"))):
+        return True
+    capital = np.flatnonzero(view[:-2] == ord("I"))
+    capital = capital[(view[capital + 1] == ord("n")) & (view[capital + 2] == ord("f"))]
+    ends = capital + 3
+    after = np.where(ends < len(view), view[np.minimum(ends, len(view) - 1)], ord(" "))
+    for at in capital[VALUE_END[after]].tolist():
+        before = at - 1
+        while before >= 0 and data[before] in b" \t\r\n-":
+            before -= 1
+        if before < 0 or data[before] in b":,[":
+            return True
+    return False
+
+
+def _is_utf8(data: bytes) -> bool:
+    import pyarrow as pa
+
+    text = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(data)], np.int64)), pa.py_buffer(data))
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 class CsvRecords(RecordFormat):
@@ -436,6 +539,7 @@ class IndexedCorpus(Corpus):
         self.nulls = nulls if nulls is not None and len(nulls) else None  # sorted positions of missing documents
         self.num_documents = int(self.first[-1])
         self._descriptors = {}
+        self._unchecked = None  # edges of the runs of documents that _bulk_sizes left to json.loads, once it ran
 
     def read_batches(self, positions: np.ndarray, edges: np.ndarray):
         for start, stop in zip(edges[:-1], edges[1:]):
@@ -443,7 +547,19 @@ class IndexedCorpus(Corpus):
 
     def texts(self, positions) -> list:
         positions = np.asarray(positions, np.int64)
-        texts = self._decoded(positions, self.form.decode, [None] * len(positions))
+        if self.form.in_bulk:
+            texts = [None] * len(positions)
+            for indices, raws in self._groups(positions):
+                # What a record holds is checked when the sizes are measured; it need not be checked again.
+                checked = self._unchecked is not None and \
+                    not np.any(np.searchsorted(self._unchecked, positions[indices], side="right") % 2)
+                column = self.form.bulk_column(*_joined(raws), checked=checked)
+                values = self._decoded(positions[indices], self.form.decode, [None] * len(indices)) \
+                    if column is None else column.to_pylist()
+                for index, value in zip(indices, values):
+                    texts[index] = value
+        else:
+            texts = self._decoded(positions, self.form.decode, [None] * len(positions))
         if self.nulls is not None:
             for index in np.flatnonzero(np.isin(positions, self.nulls)).tolist():
                 texts[index] = None
@@ -455,6 +571,8 @@ class IndexedCorpus(Corpus):
             if self.form.exact_ranges:
                 ranges = everything + np.searchsorted(self.first, everything, side="right") - 1
                 sizes = self.bounds[ranges + 1] - self.bounds[ranges]
+            elif self.form.in_bulk:
+                sizes = self._bulk_sizes()
             else:
                 sizes = np.zeros(self.num_documents, np.int64)
                 for first in range(0, self.num_documents, SIZE_BATCH):
@@ -464,6 +582,62 @@ class IndexedCorpus(Corpus):
                 sizes[self.nulls] = 0
             self._sizes = sizes
         return self._sizes
+
+    def _bulk_sizes(self) -> np.ndarray:
+        """document_bytes, the records parsed BULK_BYTES at a time in file order, two such runs at once (one is
+        checked while pyarrow parses the other)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        sizes, unchecked, pending = np.zeros(self.num_documents, np.int64), [], deque()
+
+        def measure(documents: np.ndarray, parsed) -> None:
+            column = parsed.result()
+            if column is None:
+                sizes[documents] = self._decoded(documents, self.form.size, [0] * len(documents))
+                unchecked.extend((documents[0], documents[-1] + 1))
+            else:
+                offsets, nulls = _offsets_and_nulls(column)
+                sizes[documents] = np.diff(offsets)
+                sizes[documents[nulls]] = 0
+
+        with ThreadPoolExecutor(2) as pool:
+            for segment, file in enumerate(self.segment_files.tolist()):
+                first, count = int(self.first[segment]), int(self.first[segment + 1] - self.first[segment])
+                bounds = self.bounds[first + segment:first + segment + count + 1]
+                begin = 0
+                while begin < count:
+                    end = max(begin + 1, int(np.searchsorted(bounds, bounds[begin] + BULK_BYTES, side="right")) - 1)
+                    data = self._read(file, int(bounds[begin]), int(bounds[end]))
+                    pending.append((np.arange(first + begin, first + end), pool.submit(
+                        self.form.bulk_column, data, bounds[begin:end] - bounds[begin],
+                        bounds[begin + 1:end + 1] - bounds[begin])))
+                    if len(pending) == 2:
+                        measure(*pending.popleft())
+                    begin = end
+            while pending:
+                measure(*pending.popleft())
+        self._unchecked = np.array(unchecked, np.int64)
+        return sizes
+
+    def _groups(self, positions: np.ndarray):
+        """(indices into positions, records) of the documents at `positions` in file order, a group of reads of
+        about BULK_BYTES at a time."""
+        order, files, starts, stops, reads = self._plan_reads(positions)
+        ends = np.append(reads[1:], len(order))
+        bases, tops = starts[reads], stops[ends - 1]
+        before = np.cumsum(tops - bases) - (tops - bases)
+        groups = np.append(np.flatnonzero(np.diff(before // BULK_BYTES, prepend=-1)), len(reads))
+        for low, high in zip(groups[:-1].tolist(), groups[1:].tolist()):
+            read = self._read
+            data = [read(file, base, top) for file, base, top in
+                    zip(files[reads[low:high]].tolist(), bases[low:high].tolist(), tops[low:high].tolist())]
+            first, last, counts = reads[low], ends[high - 1], ends[low:high] - reads[low:high]
+            if np.any(counts > 1):  # reads of several documents: cut them apart
+                which = np.repeat(np.arange(high - low), counts)
+                offsets = bases[low:high][which]
+                data = [data[i][a:b] for i, a, b in zip(which.tolist(), (starts[first:last] - offsets).tolist(),
+                                                        (stops[first:last] - offsets).tolist())]
+            yield order[first:last].tolist(), data
 
     def records(self, positions: np.ndarray) -> list[dict]:
         """The JSON objects of the JSON Lines records at `positions`."""
@@ -487,6 +661,18 @@ class IndexedCorpus(Corpus):
 
     def _raw(self, positions: np.ndarray):
         """(index in `positions`, file, bytes) of each document, in file order: neighbours share one read."""
+        order, files, starts, stops, reads = self._plan_reads(positions)
+        order, files, starts, stops = order.tolist(), files.tolist(), starts.tolist(), stops.tolist()
+        reads = reads.tolist() + [len(order)]
+        for first, end in zip(reads[:-1], reads[1:]):
+            base = starts[first]
+            data = self._read(files[first], base, stops[end - 1])
+            for k in range(first, end):
+                yield order[k], files[k], data[starts[k] - base:stops[k] - base]
+
+    def _plan_reads(self, positions: np.ndarray):
+        """The documents at `positions` in file order (their indices in `positions`, files, start and stop
+        offsets), and where each read starts among them: neighbours share one read."""
         order = np.argsort(positions, kind="stable")
         ordered = positions[order]
         segment = np.searchsorted(self.first, ordered, side="right") - 1
@@ -495,13 +681,7 @@ class IndexedCorpus(Corpus):
         new_read = np.ones(len(ordered), bool)
         new_read[1:] = (files[1:] != files[:-1]) | (starts[1:] > stops[:-1] + READ_GAP) | \
             (starts[1:] // READ_SPAN != starts[:-1] // READ_SPAN)
-        reads = np.flatnonzero(new_read).tolist() + [len(ordered)]
-        order, files, starts, stops = order.tolist(), files.tolist(), starts.tolist(), stops.tolist()
-        for first, end in zip(reads[:-1], reads[1:]):
-            base = starts[first]
-            data = self._read(files[first], base, stops[end - 1])
-            for k in range(first, end):
-                yield order[k], files[k], data[starts[k] - base:stops[k] - base]
+        return order, files, starts, stops, np.flatnonzero(new_read)
 
     def _read(self, file: int, start: int, stop: int) -> bytes:
         try:
@@ -520,6 +700,13 @@ class IndexedCorpus(Corpus):
         for descriptor in self._descriptors.values():
             os.close(descriptor)
         self._descriptors.clear()
+
+
+def _joined(raws: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The records one after another, each on lines of its own, and where each starts and ends."""
+    lengths = np.fromiter(map(len, raws), np.int64, len(raws))
+    ends = np.cumsum(lengths + 1) - 1
+    return b"\n".join(raws), ends - lengths, ends
 
 
 # --- parquet ---------------------------------------------------------------------------------------------------

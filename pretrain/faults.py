@@ -125,6 +125,7 @@ def roll_back(run: Run, log):
     restored = read_train_state(target)
     samples_skipped = (from_step - restored.step) * run.tokens_per_step // run.spec.data.block_size
     restored.samples_consumed, restored.skipped_steps = position, state.skipped_steps
+    restored.source_samples = state.source_samples
     restored.rollbacks, restored.skipped_in_a_row = state.rollbacks + 1, 0
     state.__dict__.update(restored.__dict__)
     if accelerator.is_main_process:

@@ -1,11 +1,12 @@
 """The model card of a final checkpoint: `README.md` with Hub metadata, the training set-up, results and CO2.
 
     write_model_card(folder, spec, state, result, hardware="1 x NVIDIA H100 80GB HBM3", loss_plot=Path("loss.png"))
-    add_results_table(Path("final-checkpoint/README.md"), table)   # Utilities/evaluate.py --update-card
+    add_results_table(Path("final-checkpoint/README.md"), table, benchmarks)   # Utilities/evaluate.py --update-card
 
 The metadata is huggingface_hub's ModelCardData: language and license from the spec, the dataset when it is a Hub
-name, a model-index with the final perplexity and loss, and `co2_eq_emissions` from the energy totals CodeCarbon
-recorded. The body names the hyperparameters, the tokens seen, the hardware and the time, and shows the loss plot.
+name, a model-index with the final perplexity and loss and the benchmark results (lm-evaluation-harness, when the
+run had extra_args.eval_tasks), and `co2_eq_emissions` from the energy totals CodeCarbon recorded. The body names
+the hyperparameters, the tokens seen, the hardware and the time, the benchmarks, and shows the loss plot.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def card_data(spec, state, result: dict | None, hardware: str):
                                    metric_value=round(result["perplexity"], 4), **where),
                         EvalResult(metric_type="loss", metric_name="Eval loss (nats/token)",
                                    metric_value=round(result["eval_loss"], 6), **where)]
+    if result is not None and result.get("benchmarks") is not None:
+        eval_results = (eval_results or []) + benchmark_eval_results(result["benchmarks"])
     return ModelCardData(language=spec.extra.language, license=spec.extra.license,
                          datasets=[hub_dataset] if hub_dataset else None, library_name="transformers",
                          pipeline_tag="text-generation", model_name=spec.model.model_id,
@@ -70,6 +73,8 @@ def card_text(spec, state, result: dict | None, hardware: str, parameters: int, 
         lines += ["", "## Evaluation", "",
                   f"On the test split of the tokenized corpus ({result.get('eval_tokens', 0):,} tokens): eval loss "
                   f"{result['eval_loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}."]
+        if result.get("benchmarks") is not None:
+            lines += ["", *benchmark_lines(result["benchmarks"])]
     if loss_plot:
         lines += ["", "![Training and eval loss against tokens seen](loss.png)"]
     lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -80,6 +85,51 @@ def card_text(spec, state, result: dict | None, hardware: str, parameters: int, 
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
               "```", ""]
     return "\n".join(lines).replace("MODEL", t.hub_model_id or m.model_id)
+
+
+def benchmark_eval_results(benchmarks) -> list:
+    """One model-index entry per benchmark metric: the harness task as task and dataset (its Hub dataset as the
+    dataset's type when it has one), the few-shot count as the dataset's arguments."""
+    from huggingface_hub import EvalResult
+
+    from pretrain.harness import HARNESS_URL, display_name
+
+    results = []
+    for key, value in benchmarks.metrics.items():
+        task, metric = display_name(key).split("/", 1)
+        info = benchmarks.tasks.get(task, {})
+        dataset = info.get("dataset")
+        shots = info.get("num_fewshot")
+        results.append(EvalResult(
+            task_type="text-generation", task_name=task,
+            dataset_type=dataset if dataset and "/" in dataset and not looks_local(dataset) else task,
+            dataset_name=task, dataset_config=info.get("dataset_config"), dataset_split=info.get("split"),
+            dataset_args={"num_few_shot": shots} if shots is not None else None,
+            metric_type=metric, metric_name=f"{metric}{examples_note(info)}", metric_value=round(value, 6),
+            source_name="lm-evaluation-harness", source_url=HARNESS_URL))
+    return results
+
+
+def examples_note(info: dict) -> str:
+    """' (first 20 of 1,172 examples)' for a task run on part of its examples (a limit), else ''."""
+    examples, total = info.get("examples"), info.get("total")
+    return f" (first {examples:,} of {total:,} examples)" if examples and total and examples < total else ""
+
+
+def benchmark_lines(benchmarks) -> list[str]:
+    """The card's table of benchmark results."""
+    from pretrain.harness import display_name
+
+    lines = [f"Benchmarks of lm-evaluation-harness {benchmarks.harness_version or ''}".rstrip() +
+             ", with one `<s>` before every document and context as in training:", "",
+             "| task | shots | examples | metric | value |", "|---|---|---|---|---|"]
+    for key, value in benchmarks.metrics.items():
+        task, metric = display_name(key).split("/", 1)
+        info = benchmarks.tasks.get(task, {})
+        shots = "" if info.get("num_fewshot") is None else info["num_fewshot"]
+        examples = "" if info.get("examples") is None else f"{info['examples']:,}"
+        lines.append(f"| {task} | {shots} | {examples} | {metric} | {value:.4f} |")
+    return lines
 
 
 def hyperparameters(spec, parameters: int) -> list[tuple[str, str]]:
@@ -132,9 +182,15 @@ def write_model_card(folder: Path, spec, state, result: dict | None, *, hardware
     return _save(card, folder / "README.md")
 
 
-def add_results_table(card_path: Path, table: str) -> Path:
-    """Put `table` into the card's section of checkpoint results, replacing an earlier one."""
+def add_results_table(card_path: Path, table: str, benchmarks=None) -> Path:
+    """Put `table` into the card's section of checkpoint results, replacing an earlier one; `benchmarks` (harness
+    results) also go into the model-index, in place of earlier results of the same task, dataset and metric."""
     card = load_card(card_path)
+    if benchmarks is not None and benchmarks.metrics:
+        new = benchmark_eval_results(benchmarks)
+        kept = [old for old in card.data.eval_results or [] if not any(old.is_equal_except_value(n) for n in new)]
+        card.data.eval_results = kept + new
+        card.data.model_name = card.data.model_name or card_path.parent.name
     section = f"{RESULTS_START}\n## Evaluation of the checkpoints\n\n{table}\n{RESULTS_END}"
     pattern = re.compile(re.escape(RESULTS_START) + ".*?" + re.escape(RESULTS_END), re.S)
     if pattern.search(card.text):

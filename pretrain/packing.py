@@ -7,6 +7,7 @@ tokens, written as parquet shards of the train and test splits.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -226,7 +227,8 @@ class SplitWriter:
             self.shards.append({"file": name, "blocks": 0})
             self.writer = pq.ParquetWriter(self.folder / name, BLOCK_SCHEMA, compression="zstd")
         offsets = np.arange(0, (blocks + 1) * self.block_size, self.block_size, dtype=np.int32)
-        rows = pa.ListArray.from_arrays(offsets, self.buffer[:blocks * self.block_size])
+        # Arrays made from buffers: pyarrow's conversion of numpy arrays would import pandas, for nothing.
+        rows = pa.ListArray.from_arrays(int32_array(offsets), int32_array(self.buffer[:blocks * self.block_size]))
         self.writer.write_table(pa.Table.from_arrays([rows], schema=BLOCK_SCHEMA))
         self.filled = 0
         self.shard_blocks += blocks
@@ -240,6 +242,10 @@ class SplitWriter:
         self.shard_blocks = 0
 
 
+def int32_array(values: np.ndarray) -> pa.Array:
+    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
+
+
 def tokenize_and_pack(corpus, tokenizer, plan: Plan, folder: Path, args) -> dict:
     """Stream every batch through the tokenizer into the test and train writers; return the splits' counts."""
     from tqdm import tqdm
@@ -248,6 +254,10 @@ def tokenize_and_pack(corpus, tokenizer, plan: Plan, folder: Path, args) -> dict
     train = SplitWriter(folder, "train", args.block_size, blocks_per_shard(args))
     executor, encode = make_executor(tokenizer, args.num_proc)
     progress = tqdm(total=plan.text_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+    # What each batch makes is freed by reference counting; the cycle collector would only walk the long-lived
+    # objects over and over.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         batches = encoded_batches(corpus, plan, executor, encode, in_flight=2 * args.num_proc + 2)
         for (stream, document_tokens), batch_bytes in zip(batches, plan.batch_bytes):
@@ -259,6 +269,8 @@ def tokenize_and_pack(corpus, tokenizer, plan: Plan, folder: Path, args) -> dict
     finally:
         progress.close()
         executor.shutdown(cancel_futures=True)
+        if collecting:
+            gc.enable()
     splits = {"train": train.close(), "test": test.close()}
     check_splits(splits, args)
     if not splits["test"]["documents"]:

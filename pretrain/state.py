@@ -16,6 +16,7 @@ class TrainState:
     """What a checkpoint must remember beyond the weights and the optimizer to continue exactly."""
     step: int = 0
     samples_consumed: int = 0        # data position; runs ahead of step x samples per step after a rollback
+    source_samples: list = field(default_factory=list)  # a mixture's samples drawn from each source, in all
     tokens_seen: int = 0
     window_loss_sum: float = 0.0
     window_steps: int = 0

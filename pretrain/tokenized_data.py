@@ -326,15 +326,16 @@ def default_window_blocks(block_size: int) -> int:
 class _EpochOrder:
     """Where each sample of the stream lies: the epoch's row-group permutation and each window's row permutation."""
 
-    def __init__(self, split: TokenizedSplit, seed: int, window_blocks: int):
-        self.split, self.seed, self.window_blocks = split, seed, window_blocks
+    def __init__(self, split: TokenizedSplit, seed, window_blocks: int):
+        self.split, self.window_blocks = split, window_blocks
+        self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
         self.num_windows = -(-split.num_blocks // window_blocks)
         self._epochs = collections.OrderedDict()
 
     def group_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The permuted row groups of `epoch` and where each starts in the epoch's sequence."""
         if epoch not in self._epochs:
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.split.row_groups))
+            order = np.random.default_rng([*self.seed, epoch, 0]).permutation(len(self.split.row_groups))
             rows = np.array([self.split.row_groups[g].num_rows for g in order], dtype=np.int64)
             self._epochs[epoch] = order, np.concatenate([[0], np.cumsum(rows)])
             while len(self._epochs) > 2:
@@ -344,7 +345,7 @@ class _EpochOrder:
     def window_rows(self, epoch: int, window: int) -> np.ndarray:
         """Permutation of the rows of `window`; entry q is the window row that sample q of the window gets."""
         length = min(self.window_blocks, self.split.num_blocks - window * self.window_blocks)
-        return np.random.default_rng([self.seed, epoch, 1, window]).permutation(length)
+        return np.random.default_rng([*self.seed, epoch, 1, window]).permutation(length)
 
     def read_window(self, reader: _RowGroupReader, epoch: int, window: int) -> np.ndarray:
         """The rows of `window` in sequence order, int32 [rows, block_size], decoded through `reader`."""
@@ -362,10 +363,56 @@ class _EpochOrder:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
 
     def locate(self, samples: np.ndarray):
-        """(epoch, window, position in window) of global sample numbers."""
+        """(epoch, window, position in window) of sample numbers of this split's stream."""
         epoch, row = np.divmod(samples, self.split.num_blocks)
         window, position = np.divmod(row, self.window_blocks)
         return epoch, window, position
+
+
+class _SourceStream:
+    """One split's endless stream of shuffled epochs, read a window at a time; samples are numbered in the split's
+    own stream (for a mixture, the samples drawn from this source so far)."""
+
+    def __init__(self, split: TokenizedSplit, seed, window_blocks: int):
+        self.split = split
+        self.order = _EpochOrder(split, seed, window_blocks)
+        self.reader = _RowGroupReader(split)
+        self.windows = collections.OrderedDict()
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        """The rows of `samples` (ascending), int32 [len(samples), block_size]."""
+        epochs, windows, positions = self.order.locate(samples)
+        out = np.empty((len(samples), self.split.block_size), dtype=np.int32)
+        keys = epochs * self.order.num_windows + windows
+        for key in np.unique(keys):     # ascending: the stream's order, so the reader moves forward
+            mask = keys == key
+            rows, permutation = self.window(*divmod(int(key), self.order.num_windows))
+            out[mask] = rows[permutation[positions[mask]]]
+        return out
+
+    def window(self, epoch: int, window: int):
+        key = (epoch, window)
+        if key in self.windows:
+            self.windows.move_to_end(key)
+        else:
+            self.windows[key] = (self.order.read_window(self.reader, epoch, window),
+                                 self.order.window_rows(epoch, window))
+            # Three windows: the one a micro-batch straddles, the current one, and the next decoded ahead.
+            while len(self.windows) > 3:
+                self.windows.popitem(last=False)
+        return self.windows[key]
+
+    def decode_after(self, sample: int):
+        """Decode the window after the one holding `sample`."""
+        epoch, window, _ = self.order.locate(np.array([sample]))
+        epoch, window = int(epoch[0]), int(window[0]) + 1
+        if window == self.order.num_windows:
+            epoch, window = epoch + 1, 0
+        self.window(epoch, window)
+
+    def close(self):
+        self.reader.close()
+        self.windows.clear()
 
 
 class _Failure:
@@ -376,29 +423,52 @@ class _Failure:
 class TrainBatches:
     """This process's micro-batches (LongTensor [micro_batch_size, block_size]), an endless stream over epochs.
 
-    `samples_consumed` is the global sample count after the batches taken so far; a new TrainBatches with
-    `start_sample=samples_consumed` continues exactly where this one stopped (with any number of processes).
+    `splits` is one TokenizedSplit, or several with `weights` (a mixture: see pretrain/mixture.py), each source
+    then shuffled in its own seeded order and drawn from as the mixture's schedule says.
+    `samples_consumed` is the global sample count after the batches taken so far, and `source_samples` how many of
+    them came from each source; a new TrainBatches with `start_sample=samples_consumed` (and, for a mixture,
+    `start_source_samples=source_samples`) continues exactly where this one stopped, with any number of processes.
     With `prefetch` > 0 a background thread prepares that many batches ahead (pyarrow decodes without the GIL);
     `close()` stops it.
     """
 
-    def __init__(self, split: TokenizedSplit, *, micro_batch_size: int, process_index: int, num_processes: int,
+    def __init__(self, splits, *, micro_batch_size: int, process_index: int, num_processes: int,
                  seed: int, start_sample: int = 0, pin_memory: bool = False, prefetch: int = 2,
-                 window_blocks: int | None = None):
+                 window_blocks: int | None = None, weights=None, start_source_samples=None):
         import torch
+
+        from pretrain.mixture import MixtureSchedule
 
         if micro_batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= process_index < num_processes, got "
                              f"{micro_batch_size}, {process_index}, {num_processes}")
         if seed < 0 or start_sample < 0 or prefetch < 0 or (window_blocks is not None and window_blocks < 1):
             raise ValueError("seed, start_sample and prefetch must be >= 0 and window_blocks >= 1")
-        self.split, self.micro_batch_size = split, micro_batch_size
+        self._thread = None
+        mixture = isinstance(splits, (list, tuple))
+        splits = list(splits) if mixture else [splits]
+        if mixture and (weights is None or len(weights) != len(splits)):
+            raise ValueError("a mixture needs one weight per split")
+        self.block_size = splits[0].block_size
+        self.micro_batch_size = micro_batch_size
         self.process_index, self.num_processes = process_index, num_processes
         self.global_micro_batch = micro_batch_size * num_processes
         self.start_sample = self.samples_consumed = start_sample
-        self._order = _EpochOrder(split, seed, window_blocks or default_window_blocks(split.block_size))
-        self._reader = _RowGroupReader(split)
-        self._windows = collections.OrderedDict()
+        # Decoded windows are kept per source; splitting the window between them keeps memory as for one folder.
+        window = window_blocks or max(1, default_window_blocks(self.block_size) // len(splits))
+        # A single folder keeps its order from before mixtures existed: seeded with the seed alone.
+        self._streams = [_SourceStream(split, (seed, index) if mixture else seed, window)
+                         for index, split in enumerate(splits)]
+        self._schedule = MixtureSchedule(weights) if mixture else None
+        if start_source_samples is None:
+            if mixture and start_sample:
+                raise ValueError("a mixture resumed past its start needs start_source_samples")
+            start_source_samples = [start_sample] if not mixture else [0] * len(splits)
+        if len(start_source_samples) != len(splits) or sum(start_source_samples) != start_sample:
+            raise ValueError(f"start_source_samples {list(start_source_samples)} must give one count per source, "
+                             f"adding up to start_sample {start_sample}")
+        self.source_samples = list(start_source_samples)
+        self._next_counts = list(start_source_samples)   # where the next micro-batch to be made starts
         self._pin = pin_memory and torch.cuda.is_available()
         self._batches_taken = 0
         self._closed = False
@@ -416,12 +486,13 @@ class TrainBatches:
         if self._closed:
             raise StopIteration
         if self._thread is None:
-            batch = self._make(self._batches_taken)
+            item = self._make(self._batches_taken)
         else:
-            batch = self._queue.get()
-            if isinstance(batch, _Failure):
+            item = self._queue.get()
+            if isinstance(item, _Failure):
                 self.close()
-                raise batch.error
+                raise item.error
+        batch, self.source_samples = item
         self._batches_taken += 1
         self.samples_consumed = self.start_sample + self._batches_taken * self.global_micro_batch
         return batch
@@ -433,11 +504,11 @@ class TrainBatches:
             self._stop.set()
             self._thread.join()
             self._thread = None
-        self._reader.close()
-        self._windows.clear()
+        for stream in self._streams:
+            stream.close()
 
     def __del__(self):
-        if getattr(self, "_reader", None) is not None:
+        if getattr(self, "_streams", None) is not None:
             self.close()
 
     def samples_of(self, index: int) -> np.ndarray:
@@ -445,50 +516,52 @@ class TrainBatches:
         first = self.start_sample + index * self.global_micro_batch + self.process_index * self.micro_batch_size
         return np.arange(first, first + self.micro_batch_size, dtype=np.int64)
 
+    def _draw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample number within the source) of each sample of this process's micro-batch `index`; micro-
+        batches are drawn in order, so the schedule's counts move forward with them."""
+        samples = self.samples_of(index)
+        if self._schedule is None:
+            self._next_counts[0] = self.start_sample + (index + 1) * self.global_micro_batch
+            return np.zeros(len(samples), dtype=np.int64), samples
+        before = list(self._next_counts)
+        first = self.start_sample + index * self.global_micro_batch
+        sources = self._schedule.assign(self._next_counts, first, self.global_micro_batch)
+        local = np.empty(len(sources), dtype=np.int64)
+        for position, source in enumerate(sources):
+            local[position] = before[source]
+            before[source] += 1
+        mine = slice(self.process_index * self.micro_batch_size, (self.process_index + 1) * self.micro_batch_size)
+        return sources[mine], local[mine]
+
     def _make(self, index: int):
         import torch
 
-        epochs, windows, positions = self._order.locate(self.samples_of(index))
-        out = np.empty((self.micro_batch_size, self.split.block_size), dtype=np.int64)
-        keys = epochs * self._order.num_windows + windows
-        for key in np.unique(keys):     # ascending: the stream's order, so the reader moves forward
-            mask = keys == key
-            rows, permutation = self._window(*divmod(int(key), self._order.num_windows))
-            out[mask] = rows[permutation[positions[mask]]]
+        sources, local = self._draw(index)
+        out = np.empty((self.micro_batch_size, self.block_size), dtype=np.int64)
+        for source in np.unique(sources):
+            mask = sources == source
+            out[mask] = self._streams[source].rows(local[mask])
         batch = torch.from_numpy(out)
-        return batch.pin_memory() if self._pin else batch
+        return (batch.pin_memory() if self._pin else batch), list(self._next_counts)
 
-    def _window(self, epoch: int, window: int):
-        key = (epoch, window)
-        if key in self._windows:
-            self._windows.move_to_end(key)
-        else:
-            self._windows[key] = (self._order.read_window(self._reader, epoch, window),
-                                  self._order.window_rows(epoch, window))
-            # Three windows: the one a micro-batch straddles, the current one, and the next decoded ahead.
-            while len(self._windows) > 3:
-                self._windows.popitem(last=False)
-        return self._windows[key]
-
-    def _decode_ahead(self, index: int):
-        """Decode the window after micro-batch `index`'s last sample while the consumer is still busy."""
-        epoch, window, _ = self._order.locate(self.samples_of(index)[-1:])
-        epoch, window = int(epoch[0]), int(window[0]) + 1
-        if window == self._order.num_windows:
-            epoch, window = epoch + 1, 0
-        self._window(epoch, window)
+    def _decode_ahead(self):
+        """Decode, for each source, the window after the one its latest sample came from, while the consumer is
+        still busy."""
+        for stream, count in zip(self._streams, self._next_counts):
+            if count:
+                stream.decode_after(count - 1)
 
     def _produce(self):
         index = 0
         try:
             while not self._stop.is_set():
-                batch = self._make(index)
+                item = self._make(index)
                 try:
-                    self._queue.put_nowait(batch)
+                    self._queue.put_nowait(item)
                 except queue.Full:
                     # Idle time: decoding the next window now keeps its cost off the consumer's critical path.
-                    self._decode_ahead(index)
-                    self._put(batch)
+                    self._decode_ahead()
+                    self._put(item)
                 index += 1
         except BaseException as error:  # handed to the consumer, which raises it in its own thread
             self._put(_Failure(error))

@@ -1,11 +1,12 @@
 """The training loop: set-up (every check on bad input before any training), the loop itself, evaluation and
 samples during it, and the end of a run (final evaluation, checkpoint, plot, push).
 
-    run, train_split, test_split, max_steps = setup(spec)
-    fit(run, train_split, test_split, max_steps)
-    finish(run, test_split)
+    run, sources, max_steps = setup(spec)
+    fit(run, sources, max_steps)
+    finish(run, sources)
 
-Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), trains with AdamW and a
+Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), or every folder of
+`data_args.mixture` (one pretrain.mixture.Source each, drawn from by weight), trains with AdamW and a
 warm-up schedule counted in optimizer steps, evaluates perplexity over the whole test split, samples text, writes
 resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`, and logs every
 `wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B when enabled).
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrain import compute_plan, telemetry
+from pretrain.documents import document_layout
 from pretrain.checkpoints import (check_free_space, read_train_state, remove_leftovers, resolve_resume,
                                   save_checkpoint, truncate_metrics)
 from pretrain.energy import start_energy_meter
 from pretrain.errors import InputError
 from pretrain.evaluation import evaluate
 from pretrain.faults import StopSignals, agree_on_step, skip_step, stop_for_signal
+from pretrain.harness import benchmarks_in_training, check_training_tasks, plot_with_benchmarks
 from pretrain.hub import open_model_repo
 from pretrain.loss import causal_lm_loss
 from pretrain.manifest import sha256_file
@@ -47,7 +50,7 @@ RECENT_LOSSES = 20
 # Set-up: everything that can fail on bad input fails here, before any training.
 
 def setup(spec: Spec):
-    """Check every input, build the model, optimizer and schedule, resume if asked: (run, train, test, max_steps)."""
+    """Check every input, build the model, optimizer and schedule, resume if asked: (run, sources, max_steps)."""
     import torch
     from accelerate.utils import DistributedType, set_seed
 
@@ -61,7 +64,8 @@ def setup(spec: Spec):
     # Every input is checked before anything is written, so a refused run leaves nothing behind, not even output_dir.
     tokenizer = refuse_together(accelerator, lambda: load_tokenizer(spec))
     vocab_size = reconcile_vocab_size(spec, len(tokenizer), say)
-    train_split, test_split = refuse_together(accelerator, lambda: open_data(spec, tokenizer, vocab_size))
+    sources = refuse_together(accelerator, lambda: open_data(spec, tokenizer, vocab_size))
+    refuse_together(accelerator, lambda: check_training_tasks(spec, accelerator))  # benchmark tasks, their data
     output_dir, resume = Path(spec.training.output_dir), spec.training.resume_from_checkpoint
     resume_from = refuse_together(accelerator, lambda: resolve_resume(spec, output_dir, say)) \
         if resume != "latest" else None
@@ -72,7 +76,7 @@ def setup(spec: Spec):
     prepare_model(model, spec.training, accelerator.device,
                   sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
     optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
-    max_steps = refuse_together(accelerator, lambda: plan_max_steps(spec, train_split, accelerator.num_processes)) \
+    max_steps = refuse_together(accelerator, lambda: plan_max_steps(spec, sources, accelerator.num_processes)) \
         if spec.training.do_train else 0
     if spec.training.do_train and spec.training.max_steps is None and (note := warmup_note(spec, max_steps)):
         say(note)  # with max_steps set, loading the spec found it already
@@ -87,6 +91,9 @@ def setup(spec: Spec):
     accelerator.wait_for_everyone()
     if resume == "latest":  # looked up once the leftovers are tidied: one may be a checkpoint put back in place
         resume_from = resolve_resume(spec, output_dir, say)
+    if resume_from is not None:
+        refuse_together(accelerator, lambda: check_resumed_sources(spec, read_train_state(resume_from), sources,
+                                                                   resume_from))
     scheduler = build_scheduler(optimizer, spec, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
@@ -108,7 +115,7 @@ def setup(spec: Spec):
     run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state,
               tokens_per_step(spec, accelerator.num_processes), last_checkpoint=resume_from, resumed_from=resume_from,
               max_steps=max_steps, energy=energy)
-    return run, train_split, test_split, max_steps
+    return run, sources, max_steps
 
 
 def refuse_together(accelerator, check, undo=None):
@@ -226,25 +233,45 @@ def tracking_enabled(spec: Spec) -> bool:
     return bool(mode)
 
 
-def open_data(spec: Spec, tokenizer, vocab_size: int):
+def open_data(spec: Spec, tokenizer, vocab_size: int) -> list:
+    """The run's sources: the one folder of `data_args.folder_path`, or every folder of `data_args.mixture`."""
+    from pretrain.mixture import Source, open_sources
     from pretrain.tokenized_data import open_tokenized_folder
 
     tokenizer_file = Path(spec.model.tokenizer_name) / "tokenizer.json"
-    return open_tokenized_folder(
-        spec.data.folder_path, block_size=spec.data.block_size, vocab_size=vocab_size,
-        tokenizer_sha256=sha256_file(tokenizer_file) if tokenizer_file.is_file() else None,
-        sanity_check=spec.data.sanity_check, need_train=spec.training.do_train, need_test=spec.training.do_eval)
+    options = dict(block_size=spec.data.block_size, vocab_size=vocab_size,
+                   tokenizer_sha256=sha256_file(tokenizer_file) if tokenizer_file.is_file() else None,
+                   sanity_check=spec.data.sanity_check, need_train=spec.training.do_train,
+                   need_test=spec.training.do_eval)
+    if spec.data.mixture is not None:
+        return open_sources(spec.data.mixture, **options)
+    path = Path(spec.data.folder_path)
+    return [Source(path.name, path, 1.0, *open_tokenized_folder(path, **options))]
 
 
-def plan_max_steps(spec: Spec, train_split, num_processes: int) -> int:
-    """Optimizer steps for the run: `max_steps`, or as many whole steps as `num_train_epochs` epochs hold."""
+def check_resumed_sources(spec: Spec, state: TrainState, sources: list, checkpoint: Path):
+    """A resumed run must draw from the sources its checkpoint counted, or its data position means nothing."""
+    drawn = len(state.source_samples) if state.source_samples else None
+    wanted = len(sources) if spec.data.mixture is not None else None
+    if state.samples_consumed and drawn != wanted:
+        had = f"a mixture of {drawn} folders" if drawn else "one folder (data_args.folder_path)"
+        has = f"a mixture of {wanted}" if wanted else "one folder"
+        raise InputError(f"checkpoint '{checkpoint}' was trained on {had} but this run reads {has}; resume with the "
+                         f"data_args the checkpoint was trained with, or start a new run (without "
+                         f"resume_from_checkpoint) to train it on other data")
+
+
+def plan_max_steps(spec: Spec, sources: list, num_processes: int) -> int:
+    """Optimizer steps for the run: `max_steps`, or as many whole steps as `num_train_epochs` epochs hold (an epoch
+    of a mixture: as many blocks as its train splits hold together)."""
     t = spec.training
     if t.max_steps is not None:
         return t.max_steps
     samples_per_step = t.per_device_train_batch_size * num_processes * t.gradient_accumulation_steps
-    steps = int(t.num_train_epochs * train_split.num_blocks // samples_per_step)
+    num_blocks = sum(source.train.num_blocks for source in sources)
+    steps = int(t.num_train_epochs * num_blocks // samples_per_step)
     if steps < 1:
-        raise InputError(f"the train split has {train_split.num_blocks} blocks, fewer than one optimizer step needs "
+        raise InputError(f"the train split has {num_blocks} blocks, fewer than one optimizer step needs "
                          f"({samples_per_step}); lower the batch size or gradient_accumulation_steps, or set "
                          f"training_args.max_steps")
     return steps
@@ -253,7 +280,7 @@ def plan_max_steps(spec: Spec, train_split, num_processes: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
-def fit(run: Run, train_split, test_split, max_steps: int):
+def fit(run: Run, sources: list, max_steps: int):
     import torch
     from tqdm.auto import tqdm
 
@@ -266,10 +293,15 @@ def fit(run: Run, train_split, test_split, max_steps: int):
 
     spec, accelerator, model, state = run.spec, run.accelerator, run.model, run.state
     t, e = spec.training, spec.extra
-    batches = TrainBatches(train_split, micro_batch_size=t.per_device_train_batch_size,
+    mixture = spec.data.mixture is not None
+    batches = TrainBatches([s.train for s in sources] if mixture else sources[0].train,
+                           weights=[s.weight for s in sources] if mixture else None,
+                           start_source_samples=(state.source_samples or None) if mixture else None,
+                           micro_batch_size=t.per_device_train_batch_size,
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                            seed=t.seed, start_sample=state.samples_consumed,
                            pin_memory=t.dataloader_pin_memory and torch.cuda.is_available())
+    documents = document_ids(run)
     samples_per_step = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     step_tokens = samples_per_step * spec.data.block_size
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
@@ -285,8 +317,9 @@ def fit(run: Run, train_split, test_split, max_steps: int):
             step_loss = torch.zeros((), device=accelerator.device)
             for _ in range(t.gradient_accumulation_steps):
                 input_ids = next(batches).to(accelerator.device, non_blocking=True)
+                layout = document_layout(input_ids, *documents) if documents else None
                 with accelerator.accumulate(model):
-                    loss = causal_lm_loss(model, input_ids)
+                    loss = causal_lm_loss(model, input_ids, layout, targets_per_process(accelerator, layout))
                     accelerator.backward(loss)
                     step_loss += loss.detach()
                     if accelerator.sync_gradients:
@@ -307,6 +340,8 @@ def fit(run: Run, train_split, test_split, max_steps: int):
             run.scheduler.step()
             state.step += 1
             state.samples_consumed += samples_per_step
+            if mixture:
+                state.source_samples = batches.source_samples
             state.tokens_seen += step_tokens
             window_tokens += step_tokens
             progress.update(1)
@@ -321,14 +356,14 @@ def fit(run: Run, train_split, test_split, max_steps: int):
                 continue
             if (state.step % e.wandb_log_steps == 0 or state.step == max_steps) and state.window_steps:
                 record = log_train_step(run, window_loss, grad_norm, learning_rate,
-                                        window_tokens / (time.perf_counter() - window_start))
+                                        window_tokens / (time.perf_counter() - window_start), sources)
                 progress.set_postfix(telemetry.progress_postfix(record))
                 window_loss.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
             pause_started = time.perf_counter()  # evaluation, samples and checkpoints are not training time
             if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
                     and state.step < max_steps):
-                evaluate_and_log(run, test_split)
+                evaluate_and_log(run, sources)
             if e.sample_every and state.step % e.sample_every == 0:
                 sample_and_log(run)
             if e.checkpointing_steps and state.step % e.checkpointing_steps == 0 and state.step < max_steps:
@@ -347,18 +382,41 @@ def fit(run: Run, train_split, test_split, max_steps: int):
         progress.close()
 
 
-def log_train_step(run: Run, window_loss, grad_norm, learning_rate: float, tokens_per_second: float) -> dict:
+def targets_per_process(accelerator, layout):
+    """With documents apart, the micro-batch's targets that count, averaged over the processes. Each process divides
+    its summed loss by this rather than by its own count, so the gradients the processes average are those of one
+    process holding the whole global micro-batch. A device-side all-reduce: no host sync."""
+    if layout is None:
+        return None
+    count = layout.target_mask.sum().float()
+    return accelerator.reduce(count, reduction="mean") if accelerator.num_processes > 1 else count
+
+
+def log_train_step(run: Run, window_loss, grad_norm, learning_rate: float, tokens_per_second: float,
+                   sources: list) -> dict:
     state, accelerator = run.state, run.accelerator
     mean_loss = accelerator.reduce(window_loss.detach().clone(), reduction="mean") / max(state.window_steps, 1)
     record = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": float(mean_loss),
               "learning_rate": learning_rate,
               "grad_norm": float(grad_norm) if grad_norm is not None else None,
               "tokens_per_second": tokens_per_second,
-              **throughput_telemetry(run, tokens_per_second), **run.energy.update(state)}
+              **throughput_telemetry(run, tokens_per_second), **run.energy.update(state),
+              **source_telemetry(run, sources)}
     state.recent_losses = (state.recent_losses + [record["loss"]])[-RECENT_LOSSES:]
     state.window_steps = 0
     state.window_loss_sum = 0.0
     write_metrics(run, record)
+    return record
+
+
+def source_telemetry(run: Run, sources: list) -> dict:
+    """For a mixture, the tokens drawn from each source and how many passes over its train split they make."""
+    if run.spec.data.mixture is None:
+        return {}
+    record = {}
+    for source, count in zip(sources, run.state.source_samples):
+        record[f"tokens_seen/{source.name}"] = count * run.spec.data.block_size
+        record[f"passes/{source.name}"] = count / source.train.num_blocks
     return record
 
 
@@ -378,12 +436,41 @@ def write_metrics(run: Run, record: dict):
         run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
-def evaluate_and_log(run: Run, test_split) -> dict:
-    result = evaluate(run.accelerator, run.model, test_split, run.spec.training.per_device_eval_batch_size)
-    record = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, **result}
+def document_ids(run: Run) -> tuple[int | None, int | None] | None:
+    """(BOS, EOS) ids that delimit documents when data_args.document_attention is on; None when it is off."""
+    if not run.spec.data.document_attention:
+        return None
+    return run.tokenizer.bos_token_id, run.tokenizer.eos_token_id
+
+
+def evaluate_sources(run: Run, sources: list) -> dict:
+    """Eval loss and perplexity on the test split; for a mixture, on each source's (`eval_loss/<name>`, ...) and
+    over all of them, weighted by tokens."""
+    batch_size, documents = run.spec.training.per_device_eval_batch_size, document_ids(run)
+    results = [evaluate(run.accelerator, run.model, s.test, batch_size, documents=documents) for s in sources]
+    if run.spec.data.mixture is None:
+        return results[0]
+    tokens = sum(r["eval_tokens"] for r in results)
+    loss = sum(r["eval_loss"] * r["eval_tokens"] for r in results) / tokens
+    combined = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
+    for source, result in zip(sources, results):
+        combined.update({f"{key}/{source.name}": value for key, value in result.items()})
+    return combined
+
+
+def evaluate_and_log(run: Run, sources: list) -> dict:
+    result = evaluate_sources(run, sources)
+    # The harness's benchmarks (extra_args.eval_tasks), in the same record; every process takes part and gets the
+    # same numbers. None without tasks.
+    benchmarks = benchmarks_in_training(run, gathered_model_copy)
+    record = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, **result,
+              **(benchmarks.metrics if benchmarks else {})}
     write_metrics(run, record)
     run.accelerator.print(f"step {run.state.step}: eval loss {result['eval_loss']:.4f}, "
                           f"perplexity {result['perplexity']:.2f}")
+    if benchmarks is not None:
+        run.accelerator.print(f"step {run.state.step} benchmarks: {benchmarks.summary()}")
+        result = {**result, "benchmarks": benchmarks}  # for the model card
     return result
 
 
@@ -451,9 +538,9 @@ def gathered_model_copy(run: Run):
 # ----------------------------------------------------------------------------------------------------------------
 # The end of a run: final evaluation, checkpoint, plot, push
 
-def finish(run: Run, test_split):
+def finish(run: Run, sources: list):
     accelerator = run.accelerator
-    result = evaluate_and_log(run, test_split) if run.spec.training.do_eval else None
+    result = evaluate_and_log(run, sources) if run.spec.training.do_eval else None
     run.energy.update(run.state)
 
     def card_and_plot(staging: Path):  # in the folder before it is published, so it is whole with it, and pushed
@@ -482,26 +569,22 @@ def plan_and_result(run: Run, result: dict | None) -> list[str]:
 
 
 def plot_losses(metrics_path: Path, image_path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
         if metrics_path.exists() else []
     train = [(r["tokens_seen"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["tokens_seen"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
-        if points:
-            axes.plot(*zip(*points), style, label=label)
-    axes.set_xlabel("tokens seen")
-    axes.set_ylabel("cross-entropy (nats/token)")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(image_path, dpi=100)
-    plt.close(figure)
+
+    def draw_losses(axes):
+        for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
+            if points:
+                axes.plot(*zip(*points), style, label=label)
+        axes.set_xlabel("tokens seen")
+        axes.set_ylabel("cross-entropy (nats/token)")
+        axes.legend()
+        axes.grid(alpha=0.3)
+
+    # Beside the losses, a panel for each benchmark metric the evaluations logged.
+    plot_with_benchmarks(image_path, records, draw_losses)
 
 
 def checkpoint(run: Run, name: str, branch: str | None) -> Path:
@@ -520,6 +603,19 @@ def push_checkpoint(run: Run, folder: Path, branch: str | None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # --dry-run
+
+def data_line(spec: Spec) -> str:
+    from pretrain.mixture import source_names
+
+    d = spec.data
+    documents = "each document attending only to itself" if d.document_attention else "attention across documents"
+    if d.mixture is None:
+        return f"data: {d.folder_path}, {documents}"
+    total = sum(d.mixture.values())
+    shares = ", ".join(f"{name} {weight / total:.1%}"
+                       for name, weight in zip(source_names(list(d.mixture)), d.mixture.values()))
+    return f"data: a mixture of {len(d.mixture)} folders by tokens ({shares}), {documents}"
+
 
 def print_dry_run(spec: Spec):
     """The resolved spec (secrets masked) and the plan, from the spec alone: no data read, nothing written."""
@@ -548,6 +644,7 @@ def print_dry_run(spec: Spec):
           f"({t.per_device_train_batch_size} x {world_size} x {t.gradient_accumulation_steps} x "
           f"{spec.data.block_size})")
     print(f"steps: {steps}")
+    print(data_line(spec))
     if t.max_steps is not None:
         print(f"tokens: {t.max_steps * tokens_per_step(spec, world_size):,}")
     print("\n".join(compute_plan.plan_lines(compute_plan.plan_for_spec(spec, world_size))))

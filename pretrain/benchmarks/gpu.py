@@ -26,9 +26,10 @@ targets, and the two MFU conventions). The parts, in order (the ones the targets
   pretrain-460m-mbN  pre-training.py on --spec-460m for --pretrain-steps-460m steps at the first micro-batch
   micro-batch-160m   the largest micro-batch of ours on --spec-160m, doubling from the first of --micro-batches
                      until CUDA runs out of memory; eager, since compiling again at every size would not fit
-  lever-KIND-VALUE   one part per value of --compile-modes, --sdpa-backends and --losses: ours on --spec-160m with
-                     that one setting changed; given levers, the run is train-160m and the levers unless --parts
-                     says otherwise
+  lever-KIND-VALUE   one part per value of --compile-modes, --sdpa-backends, --losses and --documents: ours on
+                     --spec-160m with that one setting changed (--documents N: tokens cut into documents of about
+                     N tokens, each attending only to itself); given levers, the run is train-160m and the levers
+                     unless --parts says otherwise
 
 --smoke runs every part with specs-tiny.yaml on the CPU, for a few steps. Nothing on this path imports `datasets`
 or `wandb`, which the GPU machine may lack.
@@ -89,6 +90,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile-modes", default="", help="levers: torch.compile modes, comma-separated")
     parser.add_argument("--sdpa-backends", default="", help="levers: SDPA kernels (flash, efficient, cudnn, math)")
     parser.add_argument("--losses", default="", help=f"levers: {' or '.join(LOSSES)} cross-entropy")
+    parser.add_argument("--documents", default="",
+                        help="levers: document attention over documents of about these many tokens (e.g. 600)")
     parser.add_argument("--work-dir", default=None, help="where the folder and runs go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir and pre-training.py's output")
 
@@ -162,6 +165,10 @@ def parse_levers(args) -> list[tuple[str, str]]:
             if value not in choices:
                 raise InputError(f"{flag} '{given}': choose from {', '.join(choices)}")
             levers.append((kind, value))
+    for value in (v for v in args.documents.split(",") if v):
+        if not value.isdigit() or int(value) < 2:
+            raise InputError(f"--documents '{args.documents}': give document lengths in tokens, at least 2 each")
+        levers.append(("documents", value))
     return levers
 
 
@@ -234,6 +241,8 @@ def lever_options(kind: str, value: str, spec) -> list[str]:
         return ["--compile-mode", value]
     if kind == "sdpa":
         return ["--sdpa-backend", value]
+    if kind == "documents":
+        return ["--documents", value, "data_args.document_attention=true"]
     chunk = "null" if value == "full" else spec.training.cross_entropy_chunk_tokens or DEFAULT_CHUNK_TOKENS
     return [f"training_args.cross_entropy_chunk_tokens={chunk}"]
 

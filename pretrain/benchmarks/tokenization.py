@@ -7,7 +7,7 @@
 The corpus (pretrain/benchmarks/corpora.py) is built under --work-dir. The tokenizer (--tokenizer-name, or one
 train-sentencepiece.py trains on the sample) is copied once per --tokenizer-classes entry with that class in its
 tokenizer_config.json: tokenize-dataset.py reads the generic PreTrainedTokenizerFast with the tokenizers library
-alone and any other class through transformers, which rebuilds Llama's with a pipeline of its own. For each
+alone, and LlamaTokenizer(Fast) also without transformers, with the pipeline transformers rebuilds it with. For each
 class, each variant runs in its own process with its own empty datasets cache, timed from start to exit:
   original  the original's approach (pretrain/benchmarks/baselines.py): datasets.map(tokenizer), its Python
             group_texts, train_test_split, parquet;
@@ -16,16 +16,21 @@ class, each variant runs in its own process with its own empty datasets cache, t
             tokenizer's encode_batch_fast over the whole corpus in batches of 1,000 documents. `seconds` is the
             encoding alone (imports, loading the tokenizer and reading the JSON lines excluded, the texts already
             in memory); `wall_seconds` is the whole process, imports included, timed as the others are.
+`cpu_seconds` is the CPU time (user and system, every thread) of what `seconds` times, `process_cpu_seconds` that
+of the whole process: on a machine others share, CPU time swings less than wall time.
 Each line has the peak RSS summed over the process and its children (and its anonymous part) and the bytes left
 in its datasets cache. A "ratios" line per class compares the fastest run of each variant: ours_over_encode
-against the encoding alone, ours_over_encode_process against the whole encode process. --repeat interleaves
-the runs, so that load from elsewhere on the machine falls on all of them alike.
+against the encoding alone, ours_over_encode_process against the whole encode process, ours_over_encode_cpu in CPU
+time against the encoding alone; the *_per_repeat lists give the ratios within each round. --repeat interleaves
+the runs, so that load from elsewhere on the machine falls on all of them alike; runs_seconds lists every run of a
+variant.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -98,8 +103,9 @@ def measure_class(corpus: Path, tokenizer_class: str, folder: Path, variants: li
               "corpus_mb": round(corpus.stat().st_size / 1e6, 3)}
     for variant, result in results.items():
         print(json.dumps({**common, "variant": variant, "cpus": len(os.sched_getaffinity(0)), **result,
+                          "runs_seconds": [r["seconds"] for r, _ in runs[variant]],
                           **peak_memory_mib([m for _, m in runs[variant]])}), flush=True)
-    print(json.dumps({**common, "variant": "ratios", **ratios(results)}), flush=True)
+    print(json.dumps({**common, "variant": "ratios", **ratios(results), **ratios_per_repeat(runs)}), flush=True)
 
 
 def ratios(results: dict) -> dict:
@@ -110,7 +116,19 @@ def ratios(results: dict) -> dict:
     if "ours" in seconds and "encode" in seconds:
         out["ours_over_encode"] = round(seconds["ours"] / seconds["encode"], 2)
         out["ours_over_encode_process"] = round(seconds["ours"] / results["encode"]["wall_seconds"], 2)
+        out["ours_over_encode_cpu"] = round(results["ours"]["cpu_seconds"] / results["encode"]["cpu_seconds"], 2)
     return out
+
+
+def ratios_per_repeat(runs: dict) -> dict:
+    """ours_over_encode of each repeat, from the runs of one interleaved round, which share the machine's load."""
+    if "ours" not in runs or "encode" not in runs:
+        return {}
+    rounds = list(zip(runs["ours"], runs["encode"]))
+    return {"ours_over_encode_per_repeat": [round(ours["seconds"] / encode["seconds"], 2)
+                                            for (ours, _), (encode, _) in rounds],
+            "ours_over_encode_cpu_per_repeat": [round(ours["cpu_seconds"] / encode["cpu_seconds"], 2)
+                                                for (ours, _), (encode, _) in rounds]}
 
 
 def train_tokenizer(folder: Path, vocab_size: int) -> Path:
@@ -147,11 +165,16 @@ def measure_variant(variant: str, corpus: Path, tokenizer: Path, work: Path, arg
                                 args.test_size, output)
     else:
         command = python_module("pretrain.benchmarks.tokenization", corpus, tokenizer)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_measured(command, env={"TOKENIZERS_PARALLELISM": "true"},
                           datasets_cache=work / "datasets-cache").check(f"the {variant} variant")
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process_cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
     reported = result.json_lines()
     seconds = reported[-1]["seconds"] if variant == "encode" else result.seconds
+    cpu_seconds = reported[-1]["cpu_seconds"] if variant == "encode" else process_cpu
     measured = {"seconds": round(seconds, 2), "wall_seconds": round(result.seconds, 2),
+                "cpu_seconds": round(cpu_seconds, 2), "process_cpu_seconds": round(process_cpu, 2),
                 "mb_per_s": round(corpus.stat().st_size / 1e6 / seconds, 2),
                 "datasets_cache_bytes": result.datasets_cache_bytes}
     if variant == "encode":
@@ -170,11 +193,12 @@ def encode_only(corpus: str, tokenizer_name: str) -> dict:
 
     backend = AutoTokenizer.from_pretrained(tokenizer_name).backend_tokenizer
     texts = read_texts(Path(corpus))
-    started, tokens = time.perf_counter(), 0
+    started, cpu_started, tokens = time.perf_counter(), time.process_time(), 0
     for start in range(0, len(texts), ENCODE_BATCH_DOCUMENTS):
         encodings = backend.encode_batch_fast(texts[start:start + ENCODE_BATCH_DOCUMENTS], add_special_tokens=False)
         tokens += sum(map(len, encodings))
-    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "tokens": tokens}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
     python Utilities/benchmark.py train --spec-file specs.yaml --find-micro-batch  # GPU: doubling; CPU: estimate
     python Utilities/benchmark.py train --spec-file specs.yaml --variants ours --sdpa-backend flash \
         --compile-mode max-autotune-no-cudagraphs                                 # levers of ours
+    python Utilities/benchmark.py train --spec-file specs.yaml --variants ours --documents 600 \
+        data_args.document_attention=true                                         # documents kept apart
 
 Both variants start from the same initialization, see the same tokens and run at the spec's mixed_precision:
   original  the original loop's setup (pretrain/benchmarks/baselines.py): fp32 weights with autocast, foreach
@@ -24,7 +26,9 @@ Levers of `ours`, for comparing one setting at a time: --compile-mode (torch.com
 inductor options that mode stands for, since pre-training.py compiles with the default one) and --sdpa-backend
 (the one attention kernel allowed, through torch.nn.attention.sdpa_kernel; a kernel that cannot run the model's
 attention fails the run with torch's message). The loss lever is a spec override:
-training_args.cross_entropy_chunk_tokens=null for the full logits.
+training_args.cross_entropy_chunk_tokens=null for the full logits. --documents N cuts the synthetic tokens into
+documents of about N tokens, BOS ... EOS, as packed data holds them; with data_args.document_attention=true, `ours`
+keeps them apart (pretrain/documents.py), so the same command without the override gives the cost of doing so.
 
 --find-micro-batch: on a GPU, doubles the micro-batch of `ours` from --start-micro-batch (default 1) until it runs
 out of memory (measured; with compile on, every new micro-batch compiles again: several minutes in all); on the
@@ -69,6 +73,8 @@ def add_arguments(parser) -> None:
                         help="torch.compile mode for ours (when the spec compiles)")
     parser.add_argument("--sdpa-backend", choices=list(SDPA_BACKENDS), default="auto",
                         help="the attention kernel ours may use (auto: torch chooses)")
+    parser.add_argument("--documents", type=int, default=None, metavar="TOKENS",
+                        help="cut the synthetic tokens into documents of about this many tokens (default: none)")
     parser.add_argument("--memory-gib", type=float, default=80.0,
                         help="GPU memory the CPU estimate of --find-micro-batch is made for")
 
@@ -139,6 +145,14 @@ def build(spec, variant: str, device, seed: int):
     if variant == "original":
         return (model, *baselines.training_setup(model, spec))
     prepare_model(model, spec.training, device, sharded=False, say=quiet)
+    if spec.data.document_attention:
+        from pretrain.documents import document_layout
+
+        def documents_apart(model, input_ids):
+            return causal_lm_loss(model, input_ids, document_layout(input_ids, config.bos_token_id,
+                                                                    config.eos_token_id))
+
+        return model, build_optimizer(model, spec, device), documents_apart
     return model, build_optimizer(model, spec, device), causal_lm_loss
 
 
@@ -152,8 +166,11 @@ def model_config(spec):
     return llama_config(spec, SpecialIds, spec.model.vocab_size)
 
 
-def synthetic_batches(vocab_size: int, micro_batch: int, block_size: int, count: int, seed: int, pin: bool):
-    """`count` micro-batches in which each token is the previous one plus 1 nine times in ten, random otherwise."""
+def synthetic_batches(vocab_size: int, micro_batch: int, block_size: int, count: int, seed: int, pin: bool,
+                      document_tokens: int | None = None):
+    """`count` micro-batches in which each token is the previous one plus 1 nine times in ten, random otherwise;
+    with `document_tokens`, cut into documents of that mean length (exponentially distributed), each BOS (1) ...
+    EOS (2), the special ids 0-3 appearing nowhere else."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -161,6 +178,11 @@ def synthetic_batches(vocab_size: int, micro_batch: int, block_size: int, count:
     jumps = torch.where(torch.rand(shape, generator=generator) < 0.9, 1,
                         torch.randint(vocab_size, shape, generator=generator))
     batches = torch.cumsum(jumps, dim=-1) % vocab_size
+    if document_tokens:
+        batches = 4 + batches % (vocab_size - 4)
+        starts = torch.rand(shape, generator=generator) < 1 / document_tokens
+        batches[starts] = 1
+        batches[..., :-1][starts[..., 1:]] = 2
     return [b.pin_memory() if pin else b for b in batches.unbind(0)]
 
 
@@ -195,7 +217,7 @@ def measure(spec, variant: str, device, micro_batch: int, accumulation: int, arg
     model, optimizer, loss_fn = build(spec, variant, device, args.seed)
     pinned = variant == "ours" and spec.training.dataloader_pin_memory and device.type == "cuda"
     batches = synthetic_batches(model.config.vocab_size, micro_batch, spec.data.block_size, 2 * accumulation,
-                                args.seed, pinned)
+                                args.seed, pinned, args.documents)
     with PeakMemory(device) as memory:
         losses = train_steps(model, optimizer, loss_fn, batches, args.warmup_steps, accumulation, spec, device,
                              pinned)
@@ -225,7 +247,9 @@ def measure(spec, variant: str, device, micro_batch: int, accumulation: int, arg
               "peak_memory_gib": memory.peak_gib, "memory_kind": memory.kind,
               "losses": [round(float(loss), 5) for loss in losses]}
     if variant == "ours":
-        result["levers"] = {"compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend}
+        result["levers"] = {"compile_mode": args.compile_mode, "sdpa_backend": args.sdpa_backend,
+                            "document_attention": spec.data.document_attention}
+    result["documents"] = args.documents
     del model, optimizer, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()

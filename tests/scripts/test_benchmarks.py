@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SAMPLE, read_sample_texts, run_script
 
-from pretrain.benchmarks import corpora, sentencepiece_training
+from pretrain.benchmarks import corpora, sentencepiece_training, tokenization
 from pretrain.benchmarks.measure import Measured, TreeMemorySampler, peak_memory_mib, python_module, run_measured
 from pretrain.errors import InputError
 
@@ -174,6 +174,12 @@ def test_tokenize_benchmark_measures_every_variant_on_one_corpus(tmp_path):
     assert ours["seconds"] == ours["wall_seconds"] and original["seconds"] == original["wall_seconds"]
     assert set(ratios) >= {"original_over_ours", "ours_over_encode", "ours_over_encode_process"}
     assert ratios["ours_over_encode_process"] == pytest.approx(ours["seconds"] / encode["wall_seconds"], abs=0.02)
+    # CPU time: the whole process for ours, the encoding alone for encode (every thread of it).
+    assert ours["cpu_seconds"] == ours["process_cpu_seconds"] > 0.1
+    assert encode["process_cpu_seconds"] > encode["cpu_seconds"] > 0
+    assert ratios["ours_over_encode_cpu"] == pytest.approx(ours["cpu_seconds"] / encode["cpu_seconds"], abs=0.02)
+    assert [line["runs_seconds"] for line in lines[:3]] == [[line["seconds"]] for line in lines[:3]]
+    assert ratios["ours_over_encode_per_repeat"] == [ratios["ours_over_encode"]]
     corpus = tmp_path / "repeated-v1-0.2mb" / "corpus.jsonl"
     assert corpus.stat().st_size >= 200_000 and (tmp_path / "tokenizer" / "tokenizer.json").exists()
     again = corpora.build_corpus("repeated", SAMPLE, 0.2, 0, tmp_path / "again")
@@ -191,6 +197,15 @@ def test_tokenize_benchmark_measures_every_variant_on_one_corpus(tmp_path):
     for name in ("LlamaTokenizerFast", "LlamaTokenizer"):
         config = json.loads((tmp_path / f"tokenizer-{name}" / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == name and config["eos_token"] == "</s>"
+
+
+def test_tokenize_ratios_per_repeat_pair_the_runs_of_each_round():
+    runs = {variant: [({"seconds": seconds, "cpu_seconds": cpu}, None) for seconds, cpu in measured]
+            for variant, measured in {"ours": [(12.0, 20.0), (10.0, 18.0), (11.0, 19.0)],
+                                      "encode": [(8.0, 16.0), (9.0, 15.0), (10.0, 19.0)]}.items()}
+    assert tokenization.ratios_per_repeat(runs) == {"ours_over_encode_per_repeat": [1.5, 1.11, 1.1],
+                                                    "ours_over_encode_cpu_per_repeat": [1.25, 1.2, 1.0]}
+    assert tokenization.ratios_per_repeat({"ours": runs["ours"]}) == {}
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -242,6 +257,28 @@ def test_train_benchmark_runs_both_loops_on_the_cpu():
     assert ratios["ours_over_original_tokens_per_second"] == pytest.approx(
         ours["tokens_per_second"] / original["tokens_per_second"], rel=1e-2)
     assert ratios["max_abs_loss_difference"] < 1e-3 and original["losses"][-1] < original["losses"][0]
+
+
+def test_synthetic_documents_are_delimited_as_packed_data_is():
+    from pretrain.benchmarks.training_step import synthetic_batches
+
+    [plain] = synthetic_batches(1000, 4, 256, 1, seed=0, pin=False)
+    [cut] = synthetic_batches(1000, 4, 256, 1, seed=0, pin=False, document_tokens=32)
+    starts = cut == 1
+    assert 4 * 256 / 32 / 2 < int(starts.sum()) < 4 * 256 / 32 * 2     # about one document per 32 tokens
+    assert ((cut == 2)[:, :-1] == starts[:, 1:]).all() and not (cut == 2)[:, -1].any()   # EOS just before BOS
+    assert int(((cut == 0) | (cut == 3)).sum()) == 0 and int((plain == 1).sum()) != int(starts.sum())
+
+
+def test_train_benchmark_keeps_documents_apart_when_asked():
+    lines = json_lines(run_script("Utilities/benchmark.py", "train", "--spec-file", "specs-tiny.yaml", "--device",
+                                  "cpu", "--warmup-steps", "1", "--timed-steps", "2", "--micro-batch", "2",
+                                  "--documents", "24", "data_args.document_attention=true"))
+    original, ours, ratios = lines
+    assert ours["levers"]["document_attention"] is True and ours["documents"] == original["documents"] == 24
+    assert ours["tokens_per_second"] > 0 and all(loss == loss for loss in ours["losses"])
+    # The original loop lets every token see the documents before it, ours does not: the losses part.
+    assert ratios["max_abs_loss_difference"] > 1e-3
 
 
 def test_micro_batch_finder_estimates_on_the_cpu():

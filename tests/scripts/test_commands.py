@@ -114,6 +114,13 @@ COMMANDS: dict[str, Run | NotRun] = {
                    "runs/TeenyTinyLlama-160m/metrics.jsonl")),
     "python pre-training.py --spec-file specs.yaml --dry-run":
         Run(expect=("parameters: 162,417,408", "tokens per optimizer step: 131,072 (8 x 1 x 8 x 2048)")),
+    'python pre-training.py --spec-file specs.yaml "data_args.mixture={data/web: 3, data/books: 1}" --dry-run':
+        Run(expect=("data: a mixture of 2 folders by tokens (web 75.0%, books 25.0%), attention across documents",)),
+    "python Utilities/benchmark.py train --spec-file specs.yaml --variants ours --documents 600 "
+    "data_args.document_attention=true":
+        Run(changes=(("specs.yaml", "specs-tiny.yaml"), ("--documents 600", "--documents 50")),
+            extra="--device cpu --warmup-steps 1 --timed-steps 1 --micro-batch 2",
+            expect=('"document_attention": true',)),
     "python pre-training.py --spec-file specs.yaml training_args.max_steps=20 data_args.folder_path=/data/x":
         Run(extra="--dry-run", expect=("folder_path: /data/x", "steps: 20 optimizer steps",
                                        "the learning rate rises to at most 1.14e-05 by the last step")),
@@ -159,11 +166,22 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(needs=("checkpoint", "quickstart-output"),
             changes=(("data/pt-corpus-tokenized", "quickstart-output/tokenized"),),
             expect=("updated output/final-checkpoint/README.md",)),
-    "lm_eval --model hf --model_args pretrained=output/final-checkpoint,add_bos_token=True --tasks arc_easy,hellaswag "
+    "lm_eval run --model hf --model_args pretrained=output/final-checkpoint,add_bos_token=True --tasks "
+    "arc_pt,hellaswag_pt --batch_size 8":
+        NotRun("its tasks' datasets come from the Hub (test_harness.py runs the harness's HFLM on local tasks)"),
+    "lm_eval run --model hf --model_args pretrained=output/final-checkpoint,add_bos_token=False --tasks wikitext "
     "--batch_size 8":
-        NotRun("needs lm-evaluation-harness (not installed here) and its tasks' datasets from the Hub"),
-    "lm_eval --model hf --model_args pretrained=output/final-checkpoint --tasks wikitext --batch_size 8":
-        NotRun("needs lm-evaluation-harness (not installed here) and its tasks' datasets from the Hub"),
+        NotRun("its task's dataset comes from the Hub (test_harness.py runs the harness's HFLM on local tasks)"),
+    # The tiny tasks' data files are relative to the repository root, which the command's folder links to.
+    "python Utilities/evaluate.py quickstart-output/model --data quickstart-output/tokenized --tasks tiny_pt_choice "
+    "tiny_pt_text --include-path tests/harness_tasks":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("python Utilities/evaluate.py quickstart-output/model",
+                      f"ln -s {REPO / 'tests'} tests && python Utilities/evaluate.py output"),),
+            expect=("| tiny_pt_choice/acc | tiny_pt_choice/acc_norm | tiny_pt_text/word_perplexity |",),
+            files=("output/evaluation.csv", "output/perplexity.png")),
+    "python Utilities/evaluate.py output --data data/pt-corpus-tokenized --tasks portuguese --limit 100":
+        NotRun("the preset's tasks need the Portuguese fork of the harness and their datasets from the Hub"),
     'llama-completion -m model.gguf -p "A capital do Brasil é" -n 30': NotRun("needs llama.cpp, not installed here"),
     "llama-perplexity -m model.gguf -f held-out.txt -c 2048": NotRun("needs llama.cpp, not installed here"),
     "llama-server -m model.gguf -c 2048": NotRun("needs llama.cpp, not installed here"),

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, run_script
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,40 @@ def test_checkpoints_without_spec_or_model_or_of_two_precisions(evaluated_run, s
     with pytest.raises(InputError, match="has no readable model config"):
         main(["me/notes", "--data", str(sample_tokenized), "--output-dir", str(tmp_path / "nothing")])
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--limit", "5"], "--limit is for the benchmarks of --tasks; add --tasks or drop --limit"),
+    (["--include-path", "tests/harness_tasks"], "--include-path is for the benchmarks of --tasks; add --tasks"),
+    (["--tasks", "tiny_pt_choice", "--limit", "0"], "--limit must be at least 1, not 0"),
+    (["--tasks", "tiny_pt_choice", "--num-fewshot", "-1"], "--num-fewshot must be at least 0, not -1"),
+    (["--tasks", "tiny_pt_choice,tiny_pt_choise", "--include-path", "tests/harness_tasks"],
+     "unknown benchmark task 'tiny_pt_choise' (did you mean 'tiny_pt_choice'?)"),
+])
+def test_bad_benchmark_options_stop_before_any_work(evaluated_run, sample_tokenized, tmp_path, monkeypatch, options,
+                                                    message):
+    from pretrain.checkpoint_evaluation import main
+    from pretrain.errors import InputError
+
+    monkeypatch.chdir(REPO)  # the tasks' data files are relative to the repository root
+    output_dir, _ = evaluated_run
+    with pytest.raises(InputError) as refused:
+        main([str(output_dir), "--data", str(sample_tokenized), "--output-dir", str(tmp_path / "results"), *options])
+    assert message in str(refused.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_benchmarks_need_the_checkpoints_tokenizer(evaluated_run, sample_tokenized, tmp_path, monkeypatch):
+    from pretrain.checkpoint_evaluation import main
+    from pretrain.errors import InputError
+
+    monkeypatch.chdir(REPO)
+    output_dir, _ = evaluated_run
+    bare = tmp_path / "bare"
+    shutil.copytree(output_dir / "step_2", bare, ignore=shutil.ignore_patterns("accelerate_state", "tokenizer*",
+                                                                              "special_tokens_map.json"))
+    with pytest.raises(InputError, match="checkpoint '.*bare' has no readable tokenizer .*, which the benchmarks "
+                                         "need"):
+        main([str(bare), "--data", str(sample_tokenized), "--tasks", "tiny_pt_choice", "--include-path",
+              "tests/harness_tasks", "--output-dir", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()

@@ -67,7 +67,8 @@ def test_smoke_runs_every_part_on_the_cpu_without_datasets_or_wandb(tmp_path):
         assert line["tokens_per_second"] > 0 and line["peak_memory_gib"] > 0
         assert line["mfu"] is None and line["mfu_without_input_embedding"] is None   # no GPU peak on the CPU
         assert line["flops_per_token_without_input_embedding"] == line["flops_per_token"] - 6 * 512 * 128
-    assert ours["levers"] == {"compile_mode": "default", "sdpa_backend": "auto"} and "levers" not in original
+    assert ours["levers"] == {"compile_mode": "default", "sdpa_backend": "auto", "document_attention": False} \
+        and "levers" not in original
     assert ratios["compared_steps"] == 4 and math.isfinite(ratios["max_abs_loss_difference"])
     assert ratios["max_abs_loss_difference"] < 1e-3                        # fp32 on the CPU: the same losses
     assert part_lines(lines, "train-460m").keys() == {"original", "part"}
@@ -140,6 +141,7 @@ def test_a_part_past_its_limit_is_timed_out_and_the_budget_skips_what_no_longer_
     (["--smoke", "--limit", "train-160m"], "--limit 'train-160m': give PART=SECONDS"),
     (["--smoke", "--micro-batches", "8,12"], "--micro-batches '8,12': give sizes of at least 1 that each divide"),
     (["--smoke", "--sdpa-backends", "fastest"], "--sdpa-backends 'fastest': choose from auto, flash, efficient"),
+    (["--smoke", "--documents", "600,x"], "--documents '600,x': give document lengths in tokens"),
     (["--smoke", "--train-steps", "1"], "--train-steps must be above 1"),
     (["--smoke", "--spec-460m", "specs.yaml"], "need the same vocab_size and block_size"),
     ([], "this machine has no CUDA GPU; run with --smoke"),
@@ -221,6 +223,9 @@ def test_parts_chosen_bring_the_folder_pre_training_needs(tmp_path):
     assert [part.name for part in parts] == ["train-460m"]
     _, parts = gpu_plan(tmp_path, "--losses", "chunked", "--parts", "lever-loss-chunked")
     assert "training_args.cross_entropy_chunk_tokens=4096" in parts[0].command
+    _, parts = gpu_plan(tmp_path, "--documents", "600")
+    assert [part.name for part in parts] == ["train-160m", "lever-documents-600"]
+    assert option(parts[1].command, "--documents") == "600" and "data_args.document_attention=true" in parts[1].command
 
 
 # --- the pieces ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script, write_sample_as
 
-from pretrain import corpus, tokenizer_folder, tokenize_dataset
+from pretrain import corpus, packing, tokenizer_folder, tokenize_dataset
 from pretrain import manifest as manifest_module
 from pretrain.errors import InputError
 
@@ -57,6 +57,39 @@ def decode_documents(tokenizer, stream: np.ndarray) -> tuple[list[str], np.ndarr
         assert stream[start] == BOS_ID and not np.isin(stream[start + 1:end], [BOS_ID, EOS_ID]).any()
         documents.append(tokenizer.decode(stream[start + 1:end].tolist()))
     return documents, stream[ends[-1] + 1 if len(ends) else 0:]
+
+
+def expected_files(texts, tokenizer, block_size, test_fraction, blocks_per_shard, row_group_blocks, seed=42):
+    """The parquet files and split counts tokenize-dataset.py must write for `texts`, made here apart from it: each
+    non-empty document encoded by the tokenizer itself as BOS, text, EOS; the documents shuffled with the seed; the
+    first of them, up to the fraction of the text's bytes (whole documents, never all), as the test split; each
+    split's tokens cut into rows of block_size (the partial last one left out), row_group_blocks rows to a row group
+    and blocks_per_shard to a file, written with pyarrow's own writer, zstd-compressed."""
+    sizes = np.array([len(text.encode("utf-8")) if text else 0 for text in texts])
+    order = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))
+    ends = np.cumsum(sizes[order])
+    test_documents = min(int(np.searchsorted(ends, test_fraction * ends[-1])) + 1, len(order) - 1)
+    schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
+    files, splits = {}, {}
+    for split, documents in (("train", order[test_documents:]), ("test", order[:test_documents])):
+        stream = encode_documents(tokenizer, [texts[i] for i in documents])
+        blocks = stream[:len(stream) // block_size * block_size].reshape(-1, block_size).astype(np.int32)
+        shards = []
+        for first in range(0, len(blocks), blocks_per_shard):
+            rows, sink = blocks[first:first + blocks_per_shard], pa.BufferOutputStream()
+            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                for start in range(0, len(rows), row_group_blocks):
+                    group = rows[start:start + row_group_blocks]
+                    writer.write_table(pa.table({"input_ids": pa.array(list(group), pa.list_(pa.int32()))}))
+            shards.append({"file": f"{split}/part-{len(shards):05d}.parquet", "blocks": len(rows)})
+            files[shards[-1]["file"]] = sink.getvalue().to_pybytes()
+        splits[split] = {"documents": len(documents), "tokens": len(stream), "blocks": len(blocks),
+                         "dropped_tokens": len(stream) % block_size, "shards": shards}
+    return files, splits
+
+
+def written_files(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*.parquet")}
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +251,8 @@ def test_special_looking_text_empty_documents_and_txt_input(tmp_path, sample_tok
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])
-def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tmp_path, sample_tokenizer,
-                                                                               sample_tokenized, kind):
-
+def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tmp_path, sample_tokenizer, tokenizer,
+                                                                               kind):
     cache, out = tmp_path / "cache", tmp_path / "out"
     cache.mkdir()
     result = run_script(SCRIPT, "--dataset-name", write_sample_as(tmp_path / "input", kind), "--tokenizer-name",
@@ -228,10 +260,30 @@ def test_every_local_format_is_read_in_place_leaving_the_datasets_cache_empty(tm
                         env={"HF_DATASETS_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     assert not list(cache.iterdir())
-    assert manifest_module.read_manifest(out)["source"]["documents"] == len(read_sample_texts())
-    if kind != "txt":  # the .txt copy has its documents' line breaks turned into spaces
-        for part in sorted(sample_tokenized.rglob("*.parquet")):  # the same documents in the same order
-            assert (out / part.relative_to(sample_tokenized)).read_bytes() == part.read_bytes()
+    manifest = manifest_module.read_manifest(out)
+    texts = read_sample_texts()
+    assert manifest["source"]["documents"] == len(texts)
+    if kind == "txt":  # the .txt copy has its documents' line breaks turned into spaces
+        texts = [" ".join(text.split()) for text in texts]
+    files, splits = expected_files(texts, tokenizer, TEST_BLOCK_SIZE, 0.1,
+                                   blocks_per_shard=packing.SHARD_TOKENS // TEST_BLOCK_SIZE,
+                                   row_group_blocks=packing.ROW_GROUP_TOKENS // TEST_BLOCK_SIZE)
+    assert written_files(out) == files and manifest["splits"] == splits
+
+
+def test_blocks_fill_row_groups_and_shards_as_the_format_says(tmp_path, sample_tokenizer, tokenizer, monkeypatch):
+    """Shards of 12 rows, in row groups of 5 (the last of a shard shorter): a reference writer gives the same bytes."""
+    monkeypatch.setattr(packing, "ROW_GROUP_TOKENS", 5 * 16)
+    monkeypatch.setattr(packing, "BATCH_BYTES", 2000)  # many batches, some cut across the test split's end
+    texts = [*read_sample_texts(), "", None, "Fim </s> de <s> frase 😀", "  dois espaços"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text} for text in texts])
+    out = tmp_path / "out"
+    tokenize_here("--dataset-name", corpus, "--tokenizer-name", sample_tokenizer, "--block-size", 16,
+                  "--test-size", 0.05, "--blocks-per-shard", 12, "--output-dir", out)
+    files, splits = expected_files(texts, tokenizer, 16, 0.05, blocks_per_shard=12, row_group_blocks=5)
+    assert written_files(out) == files and manifest_module.read_manifest(out)["splits"] == splits
+    metadata = pq.ParquetFile(out / "train/part-00000.parquet").metadata
+    assert len(files) > 10 and [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [5, 5, 2]
 
 
 def test_a_hub_dataset_is_streamed_twice_in_its_seeded_order(tmp_path, sample_tokenizer, tokenizer, monkeypatch):

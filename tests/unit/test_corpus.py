@@ -4,6 +4,7 @@ Hub streams (a local IterableDataset standing in); one-line refusals; nothing wr
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,21 @@ def test_text_file_lines_as_datasets_reads_them_blank_lines_skipped(tmp_path, mo
     assert "\u00a0" in expected and len(expected) == len(lines) + 1
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 4096)  # chunks cut between \r and \n, lines longer than a chunk
     assert check_reads(path, expected) == "IndexedCorpus"
+
+
+def test_random_text_files_keep_every_line_with_more_than_ascii_whitespace(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 64)
+    rng = np.random.default_rng(0)
+    pieces = ["a", "é", " ", "\t", "\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\u00a0", "\x00", "ab" * 40]
+    path = tmp_path / "random.txt"
+    for _ in range(300):
+        text = "".join(pieces[i] for i in rng.integers(len(pieces), size=rng.integers(1, 60)))
+        path.write_bytes(text.encode("utf-8"))
+        expected = [line for line in re.split("[\r\n]", text) if line.strip(" \t\x0b\x0c")]
+        if not expected:
+            continue
+        with open_corpus(str(path)) as opened:
+            assert opened.texts(np.arange(opened.num_documents)) == expected, text
 
 
 def test_json_lines_with_nulls_other_columns_and_blank_lines(tmp_path, monkeypatch):
@@ -460,6 +476,126 @@ def test_a_file_that_shrinks_while_it_is_read_is_refused(tmp_path):
             opened.texts([0])
 
 
+
+
+# --- JSON Lines parsed in bulk --------------------------------------------------------------------------------
+
+def read_everything(path):
+    """Reading `path`: its documents' sizes, its texts shuffled and in order; or the refusal's message."""
+    try:
+        with open_corpus(str(path)) as opened:
+            order = np.random.default_rng(0).permutation(opened.num_documents)
+            return (opened.document_bytes().tolist(), opened.texts(order),
+                    opened.texts(np.arange(opened.num_documents)))
+    except InputError as error:
+        return str(error)
+
+
+def read_with_json_loads(path, monkeypatch):
+    """read_everything with every record read by json.loads, one by one: the reference."""
+    with monkeypatch.context() as patched:
+        patched.setattr(corpus.JsonLines, "in_bulk", False)
+        return read_everything(path)
+
+
+def count_bulk_reads(monkeypatch) -> dict:
+    """How many calls of JsonLines.bulk_column read their records, and how many left them to json.loads."""
+    counts = {"read": 0, "declined": 0}
+    original = corpus.JsonLines.bulk_column
+
+    def counted(self, *args, **kwargs):
+        column = original(self, *args, **kwargs)
+        counts["declined" if column is None else "read"] += 1
+        return column
+
+    monkeypatch.setattr(corpus.JsonLines, "bulk_column", counted)
+    return counts
+
+
+PLAIN = ['{"text": "um documento"}', '{"id": 7, "text": "Informação: Inf, NaN, -Inf e Infinity são palavras [Inf]"}']
+# Lines pyarrow's JSON reader takes otherwise than json.loads (or crashes on: a line "null"), and lines both read.
+HAZARDS = [
+    '{"text": "a", "x": Inf}', '{"text": "a", "x": -Inf}', '{"text": "a", "x": [1, Inf]}', '{"text": "a", "x": -NaN}',
+    '{"text": "a", "x": NaN}', '{"text": "a", "x": -Infinity}', '{"text": NaN}', '{"text": Infinity}',
+    "null", "[1]", '"text"', "5", '  {"text": "indented"}', '{"text": "trailing spaces"}  ',
+    '{"text": "a"} {"text": "b"}', '{"text": "a", "x": [\n{"y": 1}]}', '{"text": "a",\n"x": 1}',
+    '{"text": "dup", "text": "last wins"}', '{"text": "dup", "text": null}', '{"text": "dup", "text": 1}',
+    '{"text": "dup", "te\\u0078t": "escaped, last wins"}',
+    '{"te\\u0078t": "escaped key"}', '{"text": "\\ud83d\\ude00 \\u00e9 \\/ \\n"}', '{"text": "\\ud800"}',
+    '{"text": "\\udc00x"}', '{"text": 5}', '{"text": true}', '{"text": ["a"]}', '{"text": {"a": 1}}',
+    '{"text": null}', "{}", '{"text": ""}', '{"text": "a\\u0000b"}', '{"text": "tab\there"}',
+    '{"text": "a", "x": 1e400}',
+    '{"text": "a", "x": 01}', '{"text": "a",}', '{"text": "a"}}', "{'text': 'a'}", '\ufeff{"text": "bom"}',
+    '\u00a0{"text": "no-break space"}', '{"text": "a"}\x0c', '{"text": "a\x00b"}', '{"text": "a"}\x00',
+]
+BYTE_HAZARDS = [b'{"text": "\xff"}', b'{"text": "a", "x": "\xc0\xaf"}', b'{"text": "\xed\xa0\x80"}',
+                "ação".encode("utf-16-le"), b'{\x00"text": "a"}']
+
+
+@pytest.mark.parametrize("hazard", [line.encode("utf-8") for line in HAZARDS] + BYTE_HAZARDS)
+def test_json_lines_in_bulk_read_as_json_loads_reads_them(tmp_path, monkeypatch, hazard):
+    monkeypatch.setattr(corpus, "SCHEMA_RECORDS", 1)  # so that the records after the first are met when read
+    counts = count_bulk_reads(monkeypatch)
+    plain = "".join(line + "\n" for line in PLAIN).encode("utf-8")
+    for name, data in (("first", hazard + b"\n" + plain), ("later", plain * 3 + hazard + b"\n" + plain),
+                       ("last", plain + hazard)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        assert read_everything(path) == read_with_json_loads(path, monkeypatch), data
+    assert counts["read"] + counts["declined"] >= 2
+
+
+def test_plain_json_lines_are_read_in_bulk(tmp_path, monkeypatch):
+    rows = [{"id": i, "text": d, "meta": {"n": [i, 1.5, None, True]}} for i, d in enumerate(DOCUMENTS)]
+    rows[3]["text"], rows[8]["text"] = None, ""
+    path = written(tmp_path, "corpus.jsonl", "\r\n".join(json.dumps(r, ensure_ascii=i % 2 == 0)
+                                                         for i, r in enumerate(rows)) + "\n\n \t\n")
+    counts = count_bulk_reads(monkeypatch)
+    monkeypatch.setattr(corpus, "BULK_BYTES", 50_000)  # several calls, one of them for a record longer than that
+    assert check_reads(path, [r["text"] for r in rows]) == "IndexedCorpus"
+    assert counts["read"] > 10 and counts["declined"] == 0
+
+
+@pytest.mark.parametrize("column", ["a/b", "a.b", "é", ""])
+def test_json_lines_in_bulk_under_any_column_name(tmp_path, monkeypatch, column):
+    rows = [{column: f"documento {i}", "a": {"b": "aninhado"}, "x": i} for i in range(5)] + [{"a": {"b": "só"}}]
+    path = written(tmp_path, "corpus.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    counts = count_bulk_reads(monkeypatch)
+    with open_corpus(str(path), text_column=column) as opened:
+        assert opened.texts(np.arange(6)) == [f"documento {i}" for i in range(5)] + [None]
+        assert opened.document_bytes().tolist() == [11] * 5 + [0]
+    assert counts == {"read": 2, "declined": 0}
+
+
+def fuzzed_json_lines(rng) -> bytes:
+    """A few JSON lines, each a random object, about half of them then broken or bent with the pieces pyarrow's
+    reader and json.loads may disagree on."""
+    pieces = ["{", "}", "[", "]", ":", ",", '"', "\\", "\\u", "\\ud800", "\\ud83d\\ude00", " ", "\t", "-", "0",
+              "1e999", "NaN", "-NaN", "Inf", "-Inf", "Infinity", "null", "true", '"text"', '"text": ', '"x": ', "é",
+              "\x00", "\x0b", "\r", "\ufeff", "\n", '{"text": 1}', "} {"]
+    values = ["texto", "", None, "Inf", "a\nb", "😀 é", 3, 2.5, True, ["x"], {"text": "dentro"}]
+    lines = []
+    for _ in range(rng.integers(1, 5)):
+        record = {key: values[rng.integers(len(values))] for key in rng.choice(["text", "x", "y"], rng.integers(0, 4))}
+        line = json.dumps(record, ensure_ascii=bool(rng.integers(2)))
+        for _ in range(rng.integers(0, 3) * rng.integers(0, 2)):
+            at = int(rng.integers(len(line) + 1))
+            line = line[:at] + pieces[rng.integers(len(pieces))] + line[at + int(rng.integers(0, 2)):]
+        not_utf8 = [b"", b"\xff", b"\xed\xa0\x80"][rng.integers(3) // 2 * rng.integers(3)]  # now and then
+        lines.append(line.encode("utf-8", "surrogatepass") + not_utf8)
+    ends = [b"\n", b"\r\n", b"\r", b"\n\n", b"\n \n", b"\n\x0b\n"]
+    return b"".join(line + ends[rng.integers(len(ends))] for line in lines)[:None if rng.integers(3) else -1]
+
+
+def test_fuzzed_json_lines_read_in_bulk_as_json_loads_reads_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(corpus, "SCHEMA_RECORDS", 1)
+    counts = count_bulk_reads(monkeypatch)
+    path = tmp_path / "fuzzed.jsonl"
+    for _ in range(400):
+        path.write_bytes(fuzzed_json_lines(rng))
+        assert read_everything(path) == read_with_json_loads(path, monkeypatch), path.read_bytes()
+    assert counts["read"] > 50 and counts["declined"] > 50  # both ways were taken, many times
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet", "csv", "saved"])

@@ -114,3 +114,71 @@ def test_hardware_names_the_gpu_or_the_cpu(monkeypatch):
         "8 x NVIDIA H200"
     assert hardware_description(SimpleNamespace(num_processes=2, device=torch.device("cpu"))).startswith(
         "2 CPU process(es) (")
+
+
+def benchmark_results(acc=0.2941):
+    from pretrain.harness import BenchmarkResults
+
+    return BenchmarkResults(
+        metrics={"benchmark/arc_pt/acc": acc, "benchmark/arc_pt/acc_norm": 0.3125,
+                 "benchmark/tiny_pt_text/bits_per_byte": 2.834096356102729},
+        tasks={"arc_pt": {"num_fewshot": 25, "examples": 20, "total": 1172, "dataset": "alexandrainst/m_arc",
+                          "dataset_config": "pt", "split": "test", "filter": "none"},
+               "tiny_pt_text": {"num_fewshot": 0, "examples": 8, "total": 8, "dataset": "json",
+                                "dataset_config": None, "split": "test", "filter": "none"}},
+        harness_version="0.4.13")
+
+
+def test_card_carries_the_benchmarks_in_its_model_index(checkpoint_folder):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    from pretrain.model_card import write_model_card
+    from pretrain.state import TrainState
+
+    result = {"eval_loss": 3.25, "perplexity": 25.79, "eval_tokens": 12_700, "benchmarks": benchmark_results()}
+    write_model_card(checkpoint_folder, spec_with(), TrainState(step=300, tokens_seen=307_200), result,
+                     hardware="1 CPU process(es)")
+    path = checkpoint_folder / "README.md"
+    card = ModelCard.load(path, ignore_metadata_errors=False)
+    name, results = model_index(card)
+    # What huggingface_hub reads back it writes again unchanged: the metadata is a well-formed model-index.
+    assert eval_results_to_model_index(name, results) == card.data.to_dict()["model-index"]
+    found = {(r.task_name, r.metric_type): r for r in results}
+    assert sorted(found) == [("Causal language modeling", "loss"), ("Causal language modeling", "perplexity"),
+                             ("arc_pt", "acc"), ("arc_pt", "acc_norm"), ("tiny_pt_text", "bits_per_byte")]
+    arc = found["arc_pt", "acc"]
+    assert (arc.metric_value, arc.metric_name, arc.dataset_type, arc.dataset_name, arc.dataset_config,
+            arc.dataset_split, arc.dataset_args, arc.task_type, arc.source_name) == (
+        0.2941, "acc (first 20 of 1,172 examples)", "alexandrainst/m_arc", "arc_pt", "pt", "test",
+        {"num_few_shot": 25}, "text-generation", "lm-evaluation-harness")
+    local = found["tiny_pt_text", "bits_per_byte"]
+    # A local data file is no Hub dataset: the task names the dataset; every example was run.
+    assert (local.dataset_type, local.metric_name, local.metric_value) == ("tiny_pt_text", "bits_per_byte",
+                                                                           2.834096)
+    assert "Benchmarks of lm-evaluation-harness 0.4.13, with one `<s>` before every document" in card.text
+    assert "| arc_pt | 25 | 20 | acc | 0.2941 |" in card.text
+    assert "| tiny_pt_text | 0 | 8 | bits_per_byte | 2.8341 |" in card.text
+
+
+def test_updated_benchmarks_replace_the_earlier_ones(checkpoint_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from pretrain.model_card import add_results_table, write_model_card
+    from pretrain.state import TrainState
+
+    result = {"eval_loss": 3.25, "perplexity": 25.79, "eval_tokens": 12_700, "benchmarks": benchmark_results()}
+    write_model_card(checkpoint_folder, spec_with(), TrainState(step=300), result, hardware="1 CPU process(es)")
+    path = checkpoint_folder / "README.md"
+    add_results_table(path, "| checkpoint |\n|---|\n| final-checkpoint |", benchmark_results(acc=0.5))
+    _, results = model_index(load(path))
+    values = {(r.task_name, r.metric_type): r.metric_value for r in results}
+    assert len(results) == len(values) == 5
+    assert values["arc_pt", "acc"] == 0.5 and values["Causal language modeling", "perplexity"] == 25.79
+    # A card with no model-index of its own gets one named after its folder.
+    bare = tmp_path / "bare" / "README.md"
+    bare.parent.mkdir()
+    ModelCard("---\nlicense: mit\n---\n# A model\n").save(bare)
+    add_results_table(bare, "| checkpoint |", benchmark_results())
+    name, results = model_index(load(bare))
+    assert name == "bare" and len(results) == 3 and "| checkpoint |" in load(bare).text

@@ -330,7 +330,7 @@ SPECS_YAML = {
                    "use_fast_tokenizer": True, "model_revision": "main", "trust_remote_code": False,
                    "torch_dtype": None, "low_cpu_mem_usage": False, "use_cache": False, "attn_implementation": "sdpa"},
     "data_args": {"dataset_name": "Pt-Corpus-Instruct", "folder_path": "data/pt-corpus-tokenized",
-                  "dataset_split": "train", "block_size": 2048, "overwrite_cache": False,
+                  "mixture": None, "document_attention": False, "dataset_split": "train", "block_size": 2048, "overwrite_cache": False,
                   "preprocessing_num_workers": None, "sanity_check": False},
     "training_args": {"output_dir": "runs/TeenyTinyLlama-160m", "do_train": True, "do_eval": True,
                       "evaluation_strategy": "steps", "eval_steps": 5000, "per_device_train_batch_size": 8,
@@ -348,7 +348,8 @@ SPECS_YAML = {
                    "generation_seeds": ["A capital do Brasil é", "Era uma vez uma menina que",
                                         "A receita de pão de queijo leva", "O rio Amazonas", "Em 1822, o Brasil"],
                    "track_energy": True, "energy_country_iso_code": "BRA", "energy_region": None,
-                   "language": "pt", "license": "apache-2.0"},
+                   "language": "pt", "license": "apache-2.0", "eval_tasks": None, "eval_task_limit": None,
+                   "eval_include_path": None},
 }
 VARIANT_VALUES = {
     "specs-460m.yaml": {

@@ -296,9 +296,12 @@ def test_prefetch_thread_gives_the_same_batches_and_stops(tmp_path):
     # What the thread decodes ahead while the queue is full: the next window, or the next epoch's first one.
     ahead = TrainBatches(train, micro_batch_size=4, process_index=0, num_processes=1, seed=7, prefetch=0,
                          window_blocks=16)
-    ahead._decode_ahead(0)
-    ahead._decode_ahead(13)                     # samples 52-55: the last of the epoch's four windows
-    assert list(ahead._windows) == [(0, 1), (1, 0)]
+    ahead._make(0)
+    ahead._decode_ahead()
+    assert list(ahead._streams[0].windows) == [(0, 0), (0, 1)]
+    ahead._make(13)                             # samples 52-55: the last of the epoch's four windows
+    ahead._decode_ahead()
+    assert list(ahead._streams[0].windows) == [(0, 1), (0, 3), (1, 0)]
     assert batches.samples_consumed == 12
 
 
