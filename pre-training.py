@@ -12,13 +12,16 @@ perplexity over the whole test split, samples text, writes resumable checkpoints
 when enabled). The loop is pretrain/training.py.
 """
 
-from pretrain import training
 from pretrain.errors import run_main
 from specifications import parse_cli
 
 
 def main(argv=None):
     spec, args = parse_cli(argv, description=__doc__.split("\n")[0])
+    # Imported once the command line is read: torch and transformers take seconds, which --help and a spec
+    # refused for a typo do without.
+    from pretrain import training
+
     if args.dry_run:
         training.print_dry_run(spec)
         return

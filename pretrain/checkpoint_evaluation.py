@@ -206,21 +206,22 @@ def saved_spec(folder: Path) -> dict:
 def model_config(folder: Path):
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except Exception as error:
-        raise InputError(f"checkpoint '{folder}' has no readable model config ({first_line(error)}); give a folder "
-                         f"that pre-training.py wrote") from None
+    return from_checkpoint(AutoConfig, folder, "model config", "")
 
 
 def checkpoint_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    return from_checkpoint(AutoTokenizer, folder, "tokenizer", ", which the benchmarks need")
+
+
+def from_checkpoint(auto_class, folder: Path, what: str, need: str):
+    """auto_class.from_pretrained(folder), or the one-line error naming the part of the checkpoint that is missing."""
     try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as error:
-        raise InputError(f"checkpoint '{folder}' has no readable tokenizer ({first_line(error)}), which the "
-                         f"benchmarks need; give a folder that pre-training.py wrote") from None
+        return auto_class.from_pretrained(folder)
+    except Exception as error:  # transformers raises many kinds for a folder it cannot read
+        raise InputError(f"checkpoint '{folder}' has no readable {what} ({first_line(error)}){need}; give a folder "
+                         f"that pre-training.py wrote") from None
 
 
 def manifest_block_size(data: Path) -> int:
