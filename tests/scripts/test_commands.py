@@ -74,6 +74,7 @@ COMMANDS: dict[str, Run | NotRun] = {
         NotRun("installs packages from PyPI (.ci/run does it on a fresh machine); `python quickstart.py` runs below"),
     "pip install -r requirements-dev.txt && python -m pytest":
         NotRun("installs packages from PyPI, then runs the whole test suite, this file included"),
+    "python -m pytest": NotRun("runs the whole test suite, this file included"),
     "python quickstart.py":
         Run(extra="training_args.max_steps=2", expect=("perplexity on the test split: ", "sample: A capital do Brasil"),
             files=("quickstart-output/model/final-checkpoint/model.safetensors",)),
