@@ -68,7 +68,7 @@ def main(argv=None):
     tasks = benchmark_tasks(args)
     checkpoints, run_folder = find_checkpoints(args.checkpoints, args.revisions, args.token)
     output_dir = Path(args.output_dir) if args.output_dir else run_folder or Path.cwd()
-    rows, benchmarks = evaluate_checkpoints(checkpoints, Path(args.data), args.batch_size, tasks, args.limit)
+    rows, last_benchmarks = evaluate_checkpoints(checkpoints, Path(args.data), args.batch_size, tasks, args.limit)
     table = markdown_table(rows)
     print(table)
     for path in write_results(rows, output_dir):
@@ -76,7 +76,7 @@ def main(argv=None):
     if args.update_card is not None:
         from pretrain.model_card import add_results_table
 
-        print(f"updated {add_results_table(Path(args.update_card), table, benchmarks[-1] if tasks else None)}")
+        print(f"updated {add_results_table(Path(args.update_card), table, last_benchmarks)}")
 
 
 def benchmark_tasks(args):
@@ -149,9 +149,10 @@ def download_revisions(repo_id: str, revisions: list[str], token: str | None) ->
 # Evaluating
 
 def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_size: int, tasks=None,
-                         limit: int | None = None) -> tuple[list[dict], list]:
-    """One row per checkpoint, in the order given, and with `tasks` each checkpoint's BenchmarkResults (else
-    Nones); every input is checked before the first model is evaluated."""
+                         limit: int | None = None) -> tuple[list[dict], object]:
+    """One row per checkpoint, in the order given (with `tasks`, its benchmark metrics in it), and the last
+    checkpoint's BenchmarkResults for its model card (None without tasks); every input is checked before the first
+    model is evaluated."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -173,22 +174,20 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_
         raise InputError(f"the checkpoints were trained in different mixed precision ({', '.join(precisions)}); "
                          f"evaluate the checkpoints of each precision in a call of their own")
     accelerator = Accelerator(mixed_precision=precisions[0])
-    rows, benchmarks = [], []
+    rows, benchmark = [], None
     for (label, folder), spec, tokenizer in tqdm(list(zip(checkpoints, specs, tokenizers)), desc="evaluating",
                                                  unit="checkpoint", disable=not accelerator.is_local_main_process):
         model = accelerator.prepare(load_model(folder, spec))
         documents = document_ids(spec, accelerator.unwrap_model(model).config)
         result = evaluate(accelerator, model, test_split, batch_size, documents=documents)
         rows.append(result_row(label, folder, result))
-        benchmark = None
         if tasks:
             benchmark = benchmark_on_main_process(
                 accelerator, accelerator.unwrap_model(model) if accelerator.is_main_process else None, tokenizer,
                 tasks, limit=limit, batch_size=batch_size, max_length=block_size)
             rows[-1].update(benchmark.metrics)
-        benchmarks.append(benchmark)
         accelerator.free_memory(model)
-    return rows, benchmarks
+    return rows, benchmark
 
 
 def document_ids(spec: dict, config) -> tuple[int | None, int | None] | None:

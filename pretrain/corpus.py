@@ -259,19 +259,20 @@ def _content_line_starts(chunk: bytes) -> np.ndarray:
     starts = np.concatenate(([0], breaks + 1))
     starts = starts[starts < len(data)]
     # A line holding any byte but ASCII whitespace (\t \n \v \f \r and the space) is a document. Its first byte
-    # tells for most lines; an empty line (one that starts at a break) is blank, and only the lines that start with
-    # a space, \t, \v or \f are read on.
+    # tells for most lines; an empty line (one that starts at a break) is blank. Only where some line starts with a
+    # space, \t, \v or \f are the chunk's bytes read, all at once.
     first = data[starts]
     content = ~ASCII_SPACE[first]
-    for line in np.flatnonzero(ASCII_SPACE[first] & (first != 10) & (first != 13)).tolist():
-        start = int(starts[line])
-        end = breaks[np.searchsorted(breaks, start)] if len(breaks) and breaks[-1] >= start else len(chunk)
-        content[line] = bool(chunk[start:end].strip())  # bytes.strip() strips exactly ASCII whitespace
+    indented = np.flatnonzero(ASCII_SPACE[first] & (first != 10) & (first != 13))
+    if len(indented):
+        content[indented] = np.logical_or.reduceat(~ASCII_SPACE[data], starts)[indented]
     return starts[content].astype(np.int64)
 
 
 def _check_utf8(chunk: bytes, offset: int, path: Path) -> None:
-    try:
+    if _is_utf8(chunk):
+        return
+    try:  # decoding finds where the first bad byte is
         chunk.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InputError(f"could not read '{path}' as text: byte {offset + error.start} is not UTF-8; give UTF-8 "

@@ -42,5 +42,9 @@ def evaluate(accelerator, model, test_split, batch_size: int, documents: tuple |
             totals[1] += (weight.double() * targets).sum()
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
-    loss = float(totals[0] / totals[1])
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(totals[1])}
+    return loss_result(float(totals[0] / totals[1]), int(totals[1]))
+
+
+def loss_result(loss: float, tokens: int) -> dict:
+    """The record of an evaluation: its mean loss, the perplexity (capped where exp overflows) and the tokens."""
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": tokens}

@@ -14,7 +14,6 @@ the original TeenyTinyLlama was evaluated on, each task with the original's few-
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import logging
 import math
@@ -118,6 +117,8 @@ def resolve_tasks(names, include_path=None, num_fewshot: int | None = None, *,
 def _resolve(requested: tuple[str, ...], folders: tuple[str, ...], num_fewshot: int | None,
              include_option: str) -> Tasks:
     # Cached: a training run checks its tasks at set-up and looks them up again at every evaluation.
+    from specifications import did_you_mean
+
     shots = {}
     for name in requested:
         for task, count in (PRESETS[name].items() if name in PRESETS else [(name, None)]):
@@ -134,9 +135,7 @@ def _resolve(requested: tuple[str, ...], folders: tuple[str, ...], num_fewshot: 
                              f"{', '.join(missing)}; they are defined in the Portuguese fork {PORTUGUESE_FORK} "
                              f"(clone it and give its lm_eval/tasks folder with {include_option})")
         if name not in PRESETS and name not in known:
-            close = difflib.get_close_matches(name, [*known, *PRESETS], n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise InputError(f"unknown benchmark task '{name}'{hint}; list the harness's tasks with `lm_eval ls "
+            raise InputError(f"unknown benchmark task '{name}'{did_you_mean(name, [*known, *PRESETS])}; list the harness's tasks with `lm_eval ls "
                              f"tasks`, name a preset ({', '.join(PRESETS)}), or give the folder of your own task "
                              f"YAML files with {include_option}")
     tasks = Tasks(tuple(shots.items()), folders, defaults)

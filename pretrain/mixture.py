@@ -40,10 +40,6 @@ class MixtureSchedule:
         if sum(counts) != start:
             raise ValueError(f"the source counts {counts} do not add up to the stream position {start}")
         out = np.empty(count, dtype=np.int64)
-        if len(self.weights) == 1:
-            out[:] = 0
-            counts[0] += count
-            return out
         weights, slack = self.weights, self.slack
         for i in range(count):
             n = start + i + 1

@@ -29,7 +29,7 @@ from pretrain.checkpoints import (check_free_space, read_train_state, remove_lef
                                   save_checkpoint, truncate_metrics)
 from pretrain.energy import start_energy_meter
 from pretrain.errors import InputError
-from pretrain.evaluation import evaluate
+from pretrain.evaluation import evaluate, loss_result
 from pretrain.faults import StopSignals, agree_on_step, skip_step, stop_for_signal
 from pretrain.harness import benchmarks_in_training, check_training_tasks, plot_with_benchmarks
 from pretrain.hub import open_model_repo
@@ -452,7 +452,7 @@ def evaluate_sources(run: Run, sources: list) -> dict:
         return results[0]
     tokens = sum(r["eval_tokens"] for r in results)
     loss = sum(r["eval_loss"] * r["eval_tokens"] for r in results) / tokens
-    combined = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
+    combined = loss_result(loss, tokens)
     for source, result in zip(sources, results):
         combined.update({f"{key}/{source.name}": value for key, value in result.items()})
     return combined

@@ -37,6 +37,7 @@ or `wandb`, which the GPU machine may lack.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.benchmarks.measure import MIB, REPO, python_module, run_measured
+from pretrain.benchmarks.training_step import document_length
 from pretrain.errors import InputError
 
 DEFAULT_BUDGET_SECONDS = 450  # 8 minutes, less the parent's own start and what a part may overrun when killed
@@ -166,8 +168,11 @@ def parse_levers(args) -> list[tuple[str, str]]:
                 raise InputError(f"{flag} '{given}': choose from {', '.join(choices)}")
             levers.append((kind, value))
     for value in (v for v in args.documents.split(",") if v):
-        if not value.isdigit() or int(value) < 2:
-            raise InputError(f"--documents '{args.documents}': give document lengths in tokens, at least 2 each")
+        try:
+            document_length(value)
+        except argparse.ArgumentTypeError:
+            raise InputError(f"--documents '{args.documents}': give document lengths in tokens, at least 2 each") \
+                from None
         levers.append(("documents", value))
     return levers
 

@@ -104,6 +104,7 @@ class Measured:
     stderr: str
     datasets_cache_bytes: int | None    # disk left in its own datasets cache; None when it was given none
     timed_out: bool = False             # killed at its time limit: the output is what it printed until then
+    cpu_seconds: float | None = None    # user + system time of it and the children it waited for, every thread
 
     def check(self, what: str) -> "Measured":
         if self.timed_out:
@@ -157,7 +158,8 @@ def run_measured(command: list[str], *, env: dict | None = None, cwd: Path = REP
     # the sampling interval.
     kernel_peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return Measured(command, process.returncode, seconds, max(memory.peak_rss_bytes, kernel_peak),
-                    memory.peak_anonymous_bytes, output, errors, cache_bytes, timed_out)
+                    memory.peak_anonymous_bytes, output, errors, cache_bytes, timed_out,
+                    usage.ru_utime + usage.ru_stime)
 
 
 def _wait_or_kill(pid: int, deadline: float):

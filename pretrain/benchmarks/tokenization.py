@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -165,11 +164,9 @@ def measure_variant(variant: str, corpus: Path, tokenizer: Path, work: Path, arg
                                 args.test_size, output)
     else:
         command = python_module("pretrain.benchmarks.tokenization", corpus, tokenizer)
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_measured(command, env={"TOKENIZERS_PARALLELISM": "true"},
                           datasets_cache=work / "datasets-cache").check(f"the {variant} variant")
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    process_cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
+    process_cpu = result.cpu_seconds
     reported = result.json_lines()
     seconds = reported[-1]["seconds"] if variant == "encode" else result.seconds
     cpu_seconds = reported[-1]["cpu_seconds"] if variant == "encode" else process_cpu

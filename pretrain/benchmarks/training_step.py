@@ -54,6 +54,15 @@ SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIE
                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
+def document_length(text: str) -> int:
+    """A --documents value: tokens per synthetic document, at least 2 (its BOS and EOS)."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"give a document length in tokens, at least 2, not '{text}'")
+    return int(text)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--spec-file", default=str(REPO / "specs.yaml"), help="spec whose model and settings to run")
     parser.add_argument("overrides", nargs="*", metavar="group.key=value", help="spec overrides, as pre-training.py")
@@ -73,7 +82,7 @@ def add_arguments(parser) -> None:
                         help="torch.compile mode for ours (when the spec compiles)")
     parser.add_argument("--sdpa-backend", choices=list(SDPA_BACKENDS), default="auto",
                         help="the attention kernel ours may use (auto: torch chooses)")
-    parser.add_argument("--documents", type=int, default=None, metavar="TOKENS",
+    parser.add_argument("--documents", type=document_length, default=None, metavar="TOKENS",
                         help="cut the synthetic tokens into documents of about this many tokens (default: none)")
     parser.add_argument("--memory-gib", type=float, default=80.0,
                         help="GPU memory the CPU estimate of --find-micro-batch is made for")

@@ -122,6 +122,8 @@ def test_tokenizer_benchmark_helpers_and_bad_input(tmp_path):
     assert result.returncode == 2 and "--size-mb must be positive" in result.stderr
     result = run_script("Utilities/benchmark.py", "tokenizer", "--variants", "fast", "--work-dir", tmp_path)
     assert result.returncode == 2 and "--variants 'fast': choose from original, ours" in result.stderr
+    result = run_script("Utilities/benchmark.py", "train", "--spec-file", "specs-tiny.yaml", "--documents", "1")
+    assert result.returncode == 2 and "give a document length in tokens, at least 2, not '1'" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -295,6 +297,8 @@ def test_micro_batch_finder_estimates_on_the_cpu():
 def test_bad_benchmark_and_spec_input_exit_2():
     result = run_script("Utilities/benchmark.py", "train", "--spec-file", "specs-tiny.yaml", "--variants", "fast")
     assert result.returncode == 2 and "--variants 'fast': choose from original, ours" in result.stderr
+    result = run_script("Utilities/benchmark.py", "train", "--spec-file", "specs-tiny.yaml", "--documents", "1")
+    assert result.returncode == 2 and "give a document length in tokens, at least 2, not '1'" in result.stderr
     result = run_script("pre-training.py", "--spec-file", "specs.yaml", "--dry-run",
                         "training_args.cross_entropy_chunk_tokens=0")
     assert result.returncode == 2 and "training_args.cross_entropy_chunk_tokens: must be at least 1" in result.stderr

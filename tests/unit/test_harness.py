@@ -371,3 +371,17 @@ def test_a_failure_on_the_main_process_stops_every_process(monkeypatch):
     other = SimpleNamespace(is_main_process=False, num_processes=2, autocast=contextlib.nullcontext)
     with pytest.raises(RuntimeError, match=r"the benchmarks failed on the main process \(OSError: disk gone\)"):
         harness.benchmark_on_main_process(other, None, None, None, **options)
+
+
+def test_a_task_scored_under_several_filters_reports_its_first_filter_only():
+    from pretrain.harness import BenchmarkResults, collect
+
+    # As forks of the harness report a task that splits its score by exam under filters of their own.
+    output = {"results": {"exam_pt": {"alias": "exam_pt", "acc,all": 0.5, "acc_stderr,all": 0.1, "acc,2010": 0.25,
+                                      "acc,2011": 0.75}},
+              "n-shot": {"exam_pt": 3}, "n-samples": {"exam_pt": {"effective": 8, "original": 8}},
+              "configs": {"exam_pt": {"dataset_path": "exams", "test_split": "test"}}, "lm_eval_version": "0.4.x"}
+    results = BenchmarkResults()
+    collect(output, results)
+    assert results.metrics == {"benchmark/exam_pt/acc": 0.5}
+    assert results.tasks["exam_pt"]["filter"] == "all" and results.tasks["exam_pt"]["num_fewshot"] == 3

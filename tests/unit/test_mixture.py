@@ -52,6 +52,12 @@ def test_every_source_stays_within_one_sample_of_its_share_after_every_sample(we
         MixtureSchedule([1, 0])
 
 
+def test_a_mixture_of_one_folder_draws_every_sample_from_it():
+    counts = [3]
+    assert MixtureSchedule([2.0]).assign(counts, 3, 5).tolist() == [0] * 5
+    assert counts == [8]
+
+
 def drawn_sources(batch) -> list[int]:
     return [row // OFFSET for row in ids_of(batch)]
 
