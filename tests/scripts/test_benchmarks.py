@@ -182,6 +182,7 @@ def test_tokenize_benchmark_measures_every_variant_on_one_corpus(tmp_path):
     assert ratios["ours_over_encode_cpu"] == pytest.approx(ours["cpu_seconds"] / encode["cpu_seconds"], abs=0.02)
     assert [line["runs_seconds"] for line in lines[:3]] == [[line["seconds"]] for line in lines[:3]]
     assert ratios["ours_over_encode_per_repeat"] == [ratios["ours_over_encode"]]
+    assert ratios["ours_over_encode_median_repeat"] == ratios["ours_over_encode"]
     corpus = tmp_path / "repeated-v1-0.2mb" / "corpus.jsonl"
     assert corpus.stat().st_size >= 200_000 and (tmp_path / "tokenizer" / "tokenizer.json").exists()
     again = corpora.build_corpus("repeated", SAMPLE, 0.2, 0, tmp_path / "again")
@@ -206,6 +207,7 @@ def test_tokenize_ratios_per_repeat_pair_the_runs_of_each_round():
             for variant, measured in {"ours": [(12.0, 20.0), (10.0, 18.0), (11.0, 19.0)],
                                       "encode": [(8.0, 16.0), (9.0, 15.0), (10.0, 19.0)]}.items()}
     assert tokenization.ratios_per_repeat(runs) == {"ours_over_encode_per_repeat": [1.5, 1.11, 1.1],
+                                                    "ours_over_encode_median_repeat": 1.11,
                                                     "ours_over_encode_cpu_per_repeat": [1.25, 1.2, 1.0]}
     assert tokenization.ratios_per_repeat({"ours": runs["ours"]}) == {}
 

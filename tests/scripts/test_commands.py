@@ -82,9 +82,7 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(changes=(("max_steps=50", "max_steps=2"),), expect=("perplexity on the test split: ",),
             files=("quickstart-output/model/final-checkpoint/model.safetensors",)),
     "python quickstart.py --output-dir /tmp/qs":
-        Run(changes=(("/tmp/qs", "qs"),), extra="training_args.max_steps=2", expect=("model: ",),
-            files=("qs/tokenizer/tokenizer.json", "qs/tokenized/manifest.json",
-                   "qs/model/final-checkpoint/model.safetensors")),
+        NotRun("tests/scripts/test_quickstart.py runs it (40 steps) and checks what it writes and prints"),
     # --- train-sentencepiece.py
     "python train-sentencepiece.py --dataset_name data/sample/pt-sample.jsonl --vocab_size 1024 --output_dir my-tokenizer":
         Run(expect=("saved my-tokenizer",), files=TOKENIZER_FILES),

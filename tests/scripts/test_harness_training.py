@@ -2,7 +2,6 @@
 the same numbers on one process and on two (FSDP on the CPU), in metrics.jsonl, the loss plot and the model card;
 Utilities/evaluate.py gives the same numbers afterwards; an unknown task stops the run before anything is written."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -125,17 +124,21 @@ def test_evaluate_scores_the_checkpoints_as_training_did(single, sample_tokenize
 
 def test_an_unknown_task_stops_the_run_before_anything_is_written(sample_tokenizer, sample_tokenized, tmp_path,
                                                                   monkeypatch, capsys):
+    from pretrain import training
     from pretrain.errors import run_main
+    from specifications import parse_cli
 
     monkeypatch.chdir(REPO)
-    spec = importlib.util.spec_from_file_location("pre_training", REPO / "pre-training.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     output_dir = tmp_path / "new" / "out"
     args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH,
                        "extra_args.eval_tasks=tiny_pt_choice,tiny_pt_txt", TASKS[1])
+
+    def pre_training():  # what pre-training.py runs, in this process: no second start-up of torch
+        spec, _ = parse_cli(args, description="pre-training.py")
+        training.setup(spec)
+
     with pytest.raises(SystemExit) as stopped:
-        run_main(lambda: script.main(args))
+        run_main(pre_training)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: unknown benchmark task 'tiny_pt_txt' (did you mean 'tiny_pt_text'?); list the harness's tasks with "

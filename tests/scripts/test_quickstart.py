@@ -1,4 +1,5 @@
-"""quickstart.py: the whole pipeline on the embedded sample, shortened, with the outputs a newcomer sees."""
+"""quickstart.py: the whole pipeline on the embedded sample, shortened, with the outputs a newcomer sees; the
+README's `python quickstart.py --output-dir /tmp/qs`, with a folder of the test's own."""
 
 import json
 import math
@@ -25,5 +26,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert math.isfinite(perplexity) and perplexity < 512  # better than guessing uniformly
     assert f"perplexity on the test split: {perplexity:.2f}" in stdout
     assert f"model: {out / 'model' / 'final-checkpoint'}" in stdout
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "model" / "final-checkpoint" / "model.safetensors").stat().st_size > 100_000
     sample = stdout.split("sample: ", 1)[1].splitlines()[0]
     assert sample.startswith("A capital do Brasil é") and len(sample) > len("A capital do Brasil é") + 10
