@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO
+from conftest import OFFLINE_ENV, REPO, run_script
 from test_distributed import GLOBAL_MICRO_BATCH, TIMEOUT_S, eval_records, script_args, two_processes
 
 TASKS = ["extra_args.eval_tasks=tiny_pt_choice,tiny_pt_text", "extra_args.eval_include_path=tests/harness_tasks"]
@@ -122,25 +122,13 @@ def test_evaluate_scores_the_checkpoints_as_training_did(single, sample_tokenize
         key: pytest.approx(rows[-1][key], abs=1e-6) for key in KEYS}
 
 
-def test_an_unknown_task_stops_the_run_before_anything_is_written(sample_tokenizer, sample_tokenized, tmp_path,
-                                                                  monkeypatch, capsys):
-    from pretrain import training
-    from pretrain.errors import run_main
-    from specifications import parse_cli
-
-    monkeypatch.chdir(REPO)
+def test_an_unknown_task_stops_the_run_before_anything_is_written(sample_tokenizer, sample_tokenized, tmp_path):
     output_dir = tmp_path / "new" / "out"
     args = script_args(sample_tokenizer, sample_tokenized, output_dir, GLOBAL_MICRO_BATCH,
                        "extra_args.eval_tasks=tiny_pt_choice,tiny_pt_txt", TASKS[1])
-
-    def pre_training():  # what pre-training.py runs, in this process: no second start-up of torch
-        spec, _ = parse_cli(args, description="pre-training.py")
-        training.setup(spec)
-
-    with pytest.raises(SystemExit) as stopped:
-        run_main(pre_training)
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    result = run_script("pre-training.py", *args, timeout=TIMEOUT_S)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown benchmark task 'tiny_pt_txt' (did you mean 'tiny_pt_text'?); list the harness's tasks with "
         "`lm_eval ls tasks`, name a preset (portuguese_translated, portuguese_leaderboard, portuguese), or give the "
         "folder of your own task YAML files with extra_args.eval_include_path")
