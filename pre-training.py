@@ -9,7 +9,7 @@ Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dat
 `data_args.mixture` by weight, trains with AdamW and a warm-up schedule counted in optimizer steps, evaluates
 perplexity over the whole test split, samples text, writes resumable checkpoints to `output_dir/step_N/` and
 `output_dir/final-checkpoint/`, and logs every `wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B
-when enabled). The loop is pretrain/training.py.
+when enabled). The loop is pretrain/training/loop.py.
 """
 
 from pretrain.errors import run_main
@@ -20,7 +20,7 @@ def main(argv=None):
     spec, args = parse_cli(argv, description=__doc__.split("\n")[0])
     # Imported once the command line is read: torch and transformers take seconds, which --help and a spec
     # refused for a typo do without.
-    from pretrain import training
+    from pretrain.training import loop as training
 
     if args.dry_run:
         training.print_dry_run(spec)

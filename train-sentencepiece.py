@@ -12,8 +12,8 @@ The output folder loads offline with `AutoTokenizer.from_pretrained(output_dir)`
 it holds figures measured on documents held out from training.
 """
 
+from pretrain.cli.train_sentencepiece import main
 from pretrain.errors import run_main
-from pretrain.train_sentencepiece import main
 
 if __name__ == "__main__":
     run_main(main)

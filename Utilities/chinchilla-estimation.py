@@ -8,7 +8,7 @@ count by Hoffmann et al. (2022)'s fitted law, and (given a throughput and a GPU'
 
 The law is L(N, D) = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 in nats per token (perplexity = e^L); its constants come
 from Hoffmann et al.'s data and tokenizer, not ours. `pre-training.py --dry-run` prints the same plan for its spec.
-The code is pretrain/compute_plan.py.
+The code is pretrain/training/compute_plan.py.
 """
 
 import sys
@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suite's root, where pretrain/ lies
 
-from pretrain.compute_plan import main  # noqa: E402
 from pretrain.errors import run_main  # noqa: E402
+from pretrain.training.compute_plan import main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suite's root, where pretrain/ lies
 
-from pretrain.checkpoint_evaluation import main  # noqa: E402
+from pretrain.cli.evaluate_checkpoints import main  # noqa: E402
 from pretrain.errors import run_main  # noqa: E402
 
 if __name__ == "__main__":

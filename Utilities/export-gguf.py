@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the suite's root, where pretrain/ lies
 
 from pretrain.errors import run_main  # noqa: E402
-from pretrain.gguf_export import main  # noqa: E402
+from pretrain.export.gguf import main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(main)

@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 # ------------------------------------------------------------------------------------------ tokenizer training
 
 def train_tokenizer(corpus: str, vocab_size: int, output_dir: str) -> None:
@@ -24,7 +23,7 @@ def train_tokenizer(corpus: str, vocab_size: int, output_dir: str) -> None:
     from tokenizers import SentencePieceBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from pretrain.tokenizer_training import llama2_settings
+    from pretrain.tokenizer.conventions import llama2_settings
 
     datasets.disable_progress_bars()
     dataset = datasets.load_dataset("json", data_files=[corpus], split="train")

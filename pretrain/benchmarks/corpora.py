@@ -18,9 +18,9 @@ import random
 import re
 from pathlib import Path
 
+from pretrain.atomic_write import atomic_dir
 from pretrain.benchmarks.measure import REPO
 from pretrain.errors import InputError
-from pretrain.publish import atomic_dir
 
 SAMPLE = REPO / "data" / "sample" / "pt-sample.jsonl"
 KINDS = ("repeated", "synthetic")

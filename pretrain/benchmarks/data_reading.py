@@ -95,7 +95,7 @@ def write_folder(folder: Path, layout: str, tokens: int, args, tokenizer: dict |
     pre-training.py reads with that tokenizer; by default one that names no real tokenizer."""
     import numpy as np
 
-    from pretrain.manifest import write_manifest
+    from pretrain.data.manifest import write_manifest
 
     num_blocks = tokens // args.block_size
     counts = {"test": max(1, num_blocks // 100)}
@@ -191,7 +191,8 @@ def child(config: dict) -> dict:
 
 
 def measure_ours(config: dict) -> dict:
-    from pretrain.tokenized_data import TrainBatches, eval_batches, open_tokenized_folder
+    from pretrain.data.batches import TrainBatches, eval_batches
+    from pretrain.data.tokenized_folder import open_tokenized_folder
 
     batch, processes = config["micro_batch_size"], config["processes"]
     started = time.perf_counter()

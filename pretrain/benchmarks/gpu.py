@@ -109,7 +109,7 @@ class Part:
 
 
 def run(args) -> None:
-    from specifications import load_spec
+    from pretrain.spec.loading import load_spec
 
     started = time.perf_counter()  # the budget counts from here: the checks below import torch
     mode = MODES["smoke" if args.smoke else "gpu"]
@@ -384,7 +384,7 @@ def read_records(path: Path) -> list[dict]:
 
 def embedding_share(spec) -> float:
     """MFU without the input embedding over MFU with it: the two conventions' FLOPs per token."""
-    from pretrain.telemetry import flops_per_token
+    from pretrain.training.telemetry import flops_per_token
 
     # The spec's model group has the config's field names, which is all the count reads.
     block = spec.data.block_size
@@ -393,7 +393,7 @@ def embedding_share(spec) -> float:
 
 def summary(statuses: dict, results: list[dict], settings: dict, seconds: float, args) -> dict:
     """Each spec's best pre-training.py figure against its target and against the original-style loop."""
-    from pretrain.telemetry import MFU_CONVENTIONS
+    from pretrain.training.telemetry import MFU_CONVENTIONS
 
     targets = {}
     for role, target in TARGETS.items():
@@ -422,8 +422,9 @@ def write_synthetic_folder(config: dict) -> dict:
     from types import SimpleNamespace
 
     from pretrain.benchmarks.data_reading import write_folder
-    from pretrain.manifest import sha256_file
-    from pretrain.tokenizer_training import BYTE_TOKENS, SPACE, SPECIAL_TOKENS, assemble, llama2_settings, save
+    from pretrain.data.manifest import sha256_file
+    from pretrain.tokenizer.conventions import BYTE_TOKENS, SPACE, SPECIAL_TOKENS, llama2_settings
+    from pretrain.tokenizer.training import assemble, save
 
     started = time.perf_counter()
     work, vocab_size, block_size = Path(config["work_dir"]), config["vocab_size"], config["block_size"]

@@ -13,7 +13,7 @@ Peak memory is the resident memory summed over a process and all its descendants
 every 20 ms: what a parent and the children it starts hold together is what the machine has to give. The
 anonymous part (heap and stacks: RSS less the pages of mapped files such as Arrow caches, which the kernel can
 drop and read again) is summed likewise where the platform reports it. GPU memory is torch's own counter
-(pretrain.telemetry.device_memory_gib), not sampled here.
+(pretrain.training.telemetry.device_memory_gib), not sampled here.
 """
 
 from __future__ import annotations

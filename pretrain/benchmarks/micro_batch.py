@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.loss import causal_lm_losses
-from pretrain.telemetry import GIB, parameter_count
+from pretrain.model.loss import causal_lm_losses
+from pretrain.training.telemetry import GIB, parameter_count
+
 
 def find_largest_micro_batch(trial, max_micro_batch: int, report, start: int = 1) -> int | None:
     """Double the micro-batch from `start` while `trial(micro_batch)` fits, up to `max_micro_batch`.

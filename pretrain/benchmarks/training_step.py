@@ -13,11 +13,11 @@
 Both variants start from the same initialization, see the same tokens and run at the spec's mixed_precision:
   original  the original loop's setup (pretrain/benchmarks/baselines.py): fp32 weights with autocast, foreach
             AdamW, the model's own loss (model(input_ids, labels=...)), eager, batches copied from pageable memory;
-  ours      the spec's speed settings applied by pre-training.py's own functions (pretrain.model.prepare_model,
-            build_optimizer, pretrain.loss.causal_lm_loss), batches copied from pinned memory without blocking.
+  ours      the spec's speed settings applied by pre-training.py's own functions (pretrain.model.build.prepare_model,
+            build_optimizer, pretrain.model.loss.causal_lm_loss), batches copied from pinned memory without blocking.
 Each runs --warmup-steps optimizer steps (compiling happens there), then --timed-steps timed ones of
 gradient_accumulation_steps micro-batches, with the spec's gradient clipping and no host sync inside the timed steps.
-One JSON line per variant (tokens/s, MFU both ways (pretrain.telemetry.MFU_CONVENTIONS) and the peak it is
+One JSON line per variant (tokens/s, MFU both ways (pretrain.training.telemetry.MFU_CONVENTIONS) and the peak it is
 measured against, peak memory, losses), then a "ratios" line. Peak memory is torch's allocator peak on a GPU; on
 the CPU, the RSS of this process and its children (compile workers) sampled while the variant runs. The synthetic
 tokens are mostly "previous token + 1", so the loss falls and the two curves can be compared.
@@ -28,8 +28,8 @@ inductor options that mode stands for, since pre-training.py compiles with the d
 attention fails the run with torch's message). The loss lever is a spec override:
 training_args.cross_entropy_chunk_tokens=null for the full logits. --documents N cuts the synthetic tokens into
 documents of about N tokens, BOS ... EOS, as packed data holds them; with data_args.document_attention=true, `ours`
-keeps them apart (pretrain/documents.py), so the same command without the override gives the cost of doing so.
-
+keeps them apart (pretrain/model/document_attention.py), so the same command without the override gives the cost of
+doing so.
 --find-micro-batch: on a GPU, doubles the micro-batch of `ours` from --start-micro-batch (default 1) until it runs
 out of memory (measured; with compile on, every new micro-batch compiles again: several minutes in all); on the
 CPU, estimates each micro-batch's peak from the activations an eager forward pass saves, against --memory-gib (an
@@ -91,7 +91,7 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     import torch
 
-    from specifications import load_spec
+    from pretrain.spec.loading import load_spec
 
     spec = load_spec(args.spec_file, args.overrides)
     if spec.extra.mixed_precision == "fp16":
@@ -143,8 +143,9 @@ def build(spec, variant: str, device, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pretrain.loss import causal_lm_loss
-    from pretrain.model import attention_implementation, build_optimizer, prepare_model
+    from pretrain.model.build import attention_implementation, prepare_model
+    from pretrain.model.loss import causal_lm_loss
+    from pretrain.model.optimizer import build_optimizer
 
     quiet = lambda message: None  # noqa: E731 - the JSON lines are the output
     config = model_config(spec)
@@ -155,7 +156,7 @@ def build(spec, variant: str, device, seed: int):
         return (model, *baselines.training_setup(model, spec))
     prepare_model(model, spec.training, device, sharded=False, say=quiet)
     if spec.data.document_attention:
-        from pretrain.documents import document_layout
+        from pretrain.model.document_attention import document_layout
 
         def documents_apart(model, input_ids):
             return causal_lm_loss(model, input_ids, document_layout(input_ids, config.bos_token_id,
@@ -167,7 +168,7 @@ def build(spec, variant: str, device, seed: int):
 
 def model_config(spec):
     """The model's config as pre-training.py builds it, with the special ids its tokenizers have."""
-    from pretrain.model import llama_config
+    from pretrain.model.build import llama_config
 
     class SpecialIds:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
@@ -221,7 +222,7 @@ def train_steps(model, optimizer, loss_fn, batches, steps: int, accumulation: in
 def measure(spec, variant: str, device, micro_batch: int, accumulation: int, args) -> dict:
     import torch
 
-    from pretrain import telemetry
+    from pretrain.training import telemetry
 
     model, optimizer, loss_fn = build(spec, variant, device, args.seed)
     pinned = variant == "ours" and spec.training.dataloader_pin_memory and device.type == "cuda"
@@ -267,7 +268,7 @@ def measure(spec, variant: str, device, micro_batch: int, accumulation: int, arg
 
 def settings_of(spec, variant: str, device) -> dict:
     """The speed settings in effect (TF32 and pinned copies exist only on CUDA)."""
-    from pretrain.model import fused_adamw_supported
+    from pretrain.model.optimizer import fused_adamw_supported
 
     cuda = device.type == "cuda"
     if variant == "original":
@@ -306,7 +307,7 @@ class PeakMemory:
         self._sampler = None if device.type == "cuda" else TreeMemorySampler()
 
     def __enter__(self):
-        from pretrain.telemetry import device_memory_gib
+        from pretrain.training.telemetry import device_memory_gib
 
         if self._sampler is None:
             device_memory_gib(self.device, reset_peak=True)
@@ -315,7 +316,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        from pretrain.telemetry import device_memory_gib
+        from pretrain.training.telemetry import device_memory_gib
 
         if self._sampler is None:
             self.peak_gib = device_memory_gib(self.device)["gpu_peak_memory_gib"]

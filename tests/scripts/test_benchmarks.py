@@ -10,11 +10,11 @@ from itertools import islice
 import psutil
 import pytest
 
-from conftest import SAMPLE, read_sample_texts, run_script
-
 from pretrain.benchmarks import corpora, sentencepiece_training, tokenization
 from pretrain.benchmarks.measure import Measured, TreeMemorySampler, peak_memory_mib, python_module, run_measured
 from pretrain.errors import InputError
+from tests.helpers.runs import SAMPLE, run_script
+from tests.helpers.texts import read_sample_texts
 
 MIB = 2 ** 20
 # A parent holding ~60 MiB while its child holds ~120 MiB: the sum is what the machine had to give, and more than

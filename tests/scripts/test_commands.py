@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO, TINY_MODEL
-
 from specifications import GROUPS, SHIPPED_SPECS, markdown_table, shipped_spec_texts
+from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL
 
 DOCUMENTED = ["README.md", "pre-training.py", "train-sentencepiece.py", "quickstart.py",
               *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "Utilities").glob("*.py"))]
@@ -84,7 +83,8 @@ COMMANDS: dict[str, Run | NotRun] = {
     "python quickstart.py --output-dir /tmp/qs":
         NotRun("tests/scripts/test_quickstart.py runs it (40 steps) and checks what it writes and prints"),
     # --- train-sentencepiece.py
-    "python train-sentencepiece.py --dataset_name data/sample/pt-sample.jsonl --vocab_size 1024 --output_dir my-tokenizer":
+    "python train-sentencepiece.py --dataset_name data/sample/pt-sample.jsonl --vocab_size 1024 "
+    "--output_dir my-tokenizer":
         Run(expect=("saved my-tokenizer",), files=TOKENIZER_FILES),
     "python train-sentencepiece.py --dataset_name my-corpus.jsonl --vocab_size 32000 --output_dir my-tokenizer":
         Run(changes=(("my-corpus.jsonl", SAMPLE),), expect=("saved my-tokenizer",), files=TOKENIZER_FILES),
@@ -136,7 +136,8 @@ COMMANDS: dict[str, Run | NotRun] = {
     "--main_process_port 29500 pre-training.py --spec-file specs.yaml":
         NotRun("needs two machines of 8 GPUs (test_distributed.py runs two CPU launchers on one machine)"),
     "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pre-training.py --spec-file specs-tiny.yaml":
-        Run(needs=("quickstart-output",), changes=(("--num_processes 2", "--num_processes 2 --main_process_port {port}"),),
+        Run(needs=("quickstart-output",),
+            changes=(("--num_processes 2", "--num_processes 2 --main_process_port {port}"),),
             extra="training_args.max_steps=2", expect=("on 2 process(es)",),
             files=("quickstart-output/model/final-checkpoint/model.safetensors",)),
     # --- specifications.py
@@ -212,7 +213,8 @@ COMMANDS: dict[str, Run | NotRun] = {
             expect=('"variant": "ours"',)),
     # A megabyte: the default 1% test split must hold one 2048-token block.
     "python Utilities/benchmark.py tokenize --corpus-mb 100":
-        Run(changes=(("--corpus-mb 100", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS, expect=('"variant": "ratios"',)),
+        Run(changes=(("--corpus-mb 100", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS,
+            expect=('"variant": "ratios"',)),
     "python Utilities/benchmark.py tokenize --corpus-mb 117 --repeat 3":
         Run(changes=(("--corpus-mb 117 --repeat 3", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS,
             expect=('"variant": "ratios"',)),
@@ -324,8 +326,11 @@ class Runner:
         self.fixtures = {"tokenizer": sample_tokenizer, "tokenized": sample_tokenized}
         self.done = {}
         bin_dir = tmp_path_factory.mktemp("bin")
-        # `python` and `accelerate` in the commands are this interpreter and its accelerate.
-        (bin_dir / "python").symlink_to(sys.executable)
+        # `python` and `accelerate` in the commands are this interpreter and its accelerate. A wrapper that execs
+        # it, not a link to it: a virtualenv's interpreter started through a link outside the venv does not find
+        # the venv's pyvenv.cfg, and runs as the base interpreter without the venv's packages.
+        (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / "python").chmod(0o755)
         (bin_dir / "accelerate").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m accelerate.commands.accelerate_cli '
                                             f'"$@"\n')
         (bin_dir / "accelerate").chmod(0o755)

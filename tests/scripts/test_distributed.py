@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -344,8 +344,8 @@ def test_eval_counts_every_row_once_for_any_process_count_and_padding(sample_tok
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pretrain.evaluation import evaluate
-    from pretrain.tokenized_data import open_tokenized_folder
+    from pretrain.data.tokenized_folder import open_tokenized_folder
+    from pretrain.evaluation.perplexity import evaluate
 
     _, test_split = open_tokenized_folder(sample_tokenized, block_size=TEST_BLOCK_SIZE, vocab_size=TEST_VOCAB_SIZE,
                                           need_train=False)

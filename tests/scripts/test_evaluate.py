@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, TINY_MODEL, run_script
+from tests.helpers.runs import REPO, TINY_MODEL, run_script
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_results_are_written_as_csv_json_and_a_plot(evaluated_run):
 def test_named_folders_with_energy_and_the_card_updated(evaluated_run, sample_tokenized, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
 
     output_dir, _ = evaluated_run
     final = tmp_path / "final-checkpoint"
@@ -88,7 +88,7 @@ def test_named_folders_with_energy_and_the_card_updated(evaluated_run, sample_to
 
 
 def test_hub_revisions_are_downloaded_and_evaluated(evaluated_run, sample_tokenized, tmp_path, fake_hub):
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
     from pretrain.errors import InputError
 
     output_dir, _ = evaluated_run
@@ -136,7 +136,7 @@ def test_bad_input_exits_2_and_writes_nothing(evaluated_run, sample_tokenized, t
 
 def test_checkpoints_without_spec_or_model_or_of_two_precisions(evaluated_run, sample_tokenized, tmp_path,
                                                                fake_hub):
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
     from pretrain.errors import InputError
 
     output_dir, _ = evaluated_run
@@ -176,7 +176,7 @@ def test_checkpoints_without_spec_or_model_or_of_two_precisions(evaluated_run, s
 ])
 def test_bad_benchmark_options_stop_before_any_work(evaluated_run, sample_tokenized, tmp_path, monkeypatch, options,
                                                     message):
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
     from pretrain.errors import InputError
 
     monkeypatch.chdir(REPO)  # the tasks' data files are relative to the repository root
@@ -188,7 +188,7 @@ def test_bad_benchmark_options_stop_before_any_work(evaluated_run, sample_tokeni
 
 
 def test_benchmarks_need_the_checkpoints_tokenizer(evaluated_run, sample_tokenized, tmp_path, monkeypatch):
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
     from pretrain.errors import InputError
 
     monkeypatch.chdir(REPO)

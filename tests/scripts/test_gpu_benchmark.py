@@ -14,13 +14,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, run_script
-
-from pretrain import telemetry
 from pretrain.benchmarks import gpu, training_step
 from pretrain.benchmarks.measure import Measured, run_measured
-from pretrain.model import llama_config
+from pretrain.model.build import llama_config
+from pretrain.training import telemetry
 from specifications import load_spec
+from tests.helpers.runs import REPO, run_script
 
 SMOKE_PARTS = ["folder", "train-160m", "pretrain-160m-mb2", "train-460m", "pretrain-460m-mb2", "micro-batch-160m"]
 # A package that cannot be imported, as on the GPU machine, which has neither `datasets` nor `wandb`.

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import OFFLINE_ENV, REPO, run_script
 from test_distributed import GLOBAL_MICRO_BATCH, TIMEOUT_S, eval_records, script_args, two_processes
+
+from tests.helpers.runs import OFFLINE_ENV, REPO, run_script
 
 TASKS = ["extra_args.eval_tasks=tiny_pt_choice,tiny_pt_text", "extra_args.eval_include_path=tests/harness_tasks"]
 KEYS = ["benchmark/tiny_pt_choice/acc", "benchmark/tiny_pt_choice/acc_norm", "benchmark/tiny_pt_text/word_perplexity",
@@ -95,7 +95,7 @@ def test_evaluate_scores_the_checkpoints_as_training_did(single, sample_tokenize
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    from pretrain.checkpoint_evaluation import main
+    from pretrain.cli.evaluate_checkpoints import main
 
     output_dir, _ = single
     monkeypatch.chdir(REPO)  # the tasks' data files are relative to the repository root

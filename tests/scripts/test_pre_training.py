@@ -1,14 +1,14 @@
 """pre-training.py end to end on the CPU: a tiny Llama on the tokenized sample."""
 
-from types import SimpleNamespace
 import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.per_device_eval_batch_size=8", "training_args.gradient_accumulation_steps=2",
@@ -17,7 +17,8 @@ TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
 
 
 def load_module():
-    from pretrain import hub, model
+    from pretrain import hub
+    from pretrain.model import build as model
 
     return SimpleNamespace(build_optimizer=model.build_optimizer, HubPusher=hub.HubPusher,
                            enable_activation_checkpointing=model.enable_activation_checkpointing)
@@ -339,7 +340,7 @@ def test_two_processes_refuse_bad_input_together(sample_tokenizer, sample_tokeni
 
 def test_refuse_together_takes_back_what_the_run_made(tmp_path):
     from pretrain.errors import InputError
-    from pretrain.training import check_output_dir, refuse_together, remove_created
+    from pretrain.training.loop import check_output_dir, refuse_together, remove_created
 
     class OneProcess:
         num_processes = 1

@@ -4,7 +4,7 @@ README's `python quickstart.py --output-dir /tmp/qs`, with a folder of the test'
 import json
 import math
 
-from conftest import run_script
+from tests.helpers.runs import run_script
 
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path):

@@ -1,8 +1,9 @@
 """The README stays true: its field table is the one the dataclasses generate, its commands exist."""
 
 import re
-from conftest import REPO
+
 from specifications import markdown_table
+from tests.helpers.runs import REPO
 
 
 def test_field_table_matches_the_dataclasses():

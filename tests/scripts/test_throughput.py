@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import TINY_MODEL, run_script
+from tests.helpers.runs import TINY_MODEL, run_script
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",

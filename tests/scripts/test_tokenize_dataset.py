@@ -1,6 +1,6 @@
 """Utilities/tokenize-dataset.py: packed blocks that decode back to the documents, exact counts, reproducible
-files, the Hub push (with conftest.py's FakeHub), and one-line refusals of bad input. The manifest's own tests are
-in test_manifest.py."""
+files, the Hub push (with the FakeHub of tests/helpers/fake_hub.py), and one-line refusals of bad input. The manifest's
+own tests are in test_manifest.py."""
 
 import hashlib
 import json
@@ -10,11 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, TEST_BLOCK_SIZE, read_sample_texts, run_script, write_sample_as
 
-from pretrain import corpus, packing, tokenizer_folder, tokenize_dataset
-from pretrain import manifest as manifest_module
+from pretrain.cli import tokenize_dataset
+from pretrain.data import corpus, packing
+from pretrain.data import manifest as manifest_module
 from pretrain.errors import InputError
+from pretrain.tokenizer import folder as tokenizer_folder
+from tests.helpers.runs import SAMPLE, TEST_BLOCK_SIZE, run_script
+from tests.helpers.texts import read_sample_texts, write_sample_as
 
 SCRIPT = "Utilities/tokenize-dataset.py"
 BOS_ID, EOS_ID = 1, 2
@@ -377,7 +380,8 @@ def test_bad_flag_values_exit_2(tmp_path, flag, value):
 
 
 def test_flag_parsers():
-    assert [tokenize_dataset.parse_bool(w) for w in ("True", "YES", "1", "false", "No", "0")] == [True] * 3 + [False] * 3
+    words = ("True", "YES", "1", "false", "No", "0")
+    assert [tokenize_dataset.parse_bool(w) for w in words] == [True] * 3 + [False] * 3
     sizes = [tokenize_dataset.parse_test_size(text) for text in ("30000", "0.01", "0", "2.0")]
     assert sizes == [30000, 0.01, 0, 2]
     assert isinstance(tokenize_dataset.parse_test_size("30000"), int)

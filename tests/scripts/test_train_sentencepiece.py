@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, ROUND_TRIPS, SAMPLE, TEST_VOCAB_SIZE, read_sample_texts, run_script, write_sample_as
-
-from pretrain import corpus, tokenizer_training
+from pretrain.data import corpus
+from pretrain.tokenizer import training as tokenizer_training
+from tests.helpers.runs import REPO, SAMPLE, TEST_VOCAB_SIZE, run_script
+from tests.helpers.texts import ROUND_TRIPS, read_sample_texts, write_sample_as
 
 SCRIPT = "train-sentencepiece.py"
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
@@ -162,7 +163,8 @@ def test_unreachable_reference_falls_back_and_the_token_stays_secret(tmp_path, s
 def test_a_hub_dataset_is_streamed_with_the_token_and_its_first_documents_held_out(tmp_path, monkeypatch, capsys):
     import datasets
 
-    from pretrain import hub, train_sentencepiece
+    from pretrain import hub
+    from pretrain.cli import train_sentencepiece
 
     texts, secret, calls = read_sample_texts(), "hf_SecretForTheStreamOnly789", []
 

@@ -22,9 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
-
-from pretrain import checkpoints, errors
+from pretrain import errors
+from pretrain.training import checkpoints
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -230,7 +230,8 @@ def poison_plan(data_folder, max_data_steps=14):
     {a, a+1} (a >= 3) and exactly {b} (b >= a + 4), and in no other of the first `max_data_steps` steps."""
     import numpy as np
 
-    from pretrain.tokenized_data import TrainBatches, open_tokenized_folder
+    from pretrain.data.batches import TrainBatches
+    from pretrain.data.tokenized_folder import open_tokenized_folder
 
     train, _ = open_tokenized_folder(data_folder, block_size=TEST_BLOCK_SIZE, vocab_size=TEST_VOCAB_SIZE,
                                      need_train=True, need_test=False)

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import OFFLINE_ENV, REPO, SAMPLE, TEST_BLOCK_SIZE, run_script
 from test_distributed import TINY, assert_same_training, records, two_processes
+
+from tests.helpers.runs import OFFLINE_ENV, REPO, SAMPLE, TEST_BLOCK_SIZE, run_script
 
 WEIGHTS = {"web": 2, "books": 1}
 MICRO_BATCH = 4                    # one process; two processes take 2 each

@@ -1,5 +1,5 @@
 """pretrain/hub.py: what counts as local, whether the Hub is reachable, and every call to it, against the FakeHub of
-conftest.py (the Hub itself is never reached)."""
+tests/helpers/fake_hub.py (the Hub itself is never reached)."""
 
 import socket
 from types import SimpleNamespace
@@ -75,7 +75,8 @@ def test_require_hub(fake_hub, monkeypatch):
 
 
 def test_the_fake_hub_fixture_reaches_every_module_that_asks(fake_hub):
-    from pretrain import model, tokenizer_training
+    from pretrain.model import build as model
+    from pretrain.tokenizer import training as tokenizer_training
 
     assert hub.hub_reachable() and model.hub_reachable() and tokenizer_training.hub_reachable()
 
