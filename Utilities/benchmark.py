@@ -6,9 +6,11 @@
     python Utilities/benchmark.py data --help        # reading tokenized folders: first step, disk, RSS, tokens/s
     python Utilities/benchmark.py train --help       # the training step: original-style loop vs ours
     python Utilities/benchmark.py gpu --help         # every figure the GPU targets need, within 8 minutes
+    python Utilities/benchmark.py gguf --help        # each GGUF type: size on disk, perplexity in llama.cpp
+    python Utilities/benchmark.py optimizer --help   # Muon against AdamW at equal tokens, a learning-rate sweep each
 
 Each prints one JSON line per variant measured, so results can be collected with `grep '^{'`. The benchmarks live
-in pretrain/benchmarks/ (the original approaches in baselines.py, the measuring in measure.py); BENCHMARKS.md has
+in pretrain/benchmarks/ (the original approaches in baselines.py, the measuring in measure.py); docs/benchmarks.md has
 the figures.
 """
 
@@ -26,6 +28,8 @@ BENCHMARKS = {
     "data": "pretrain.benchmarks.data_reading",
     "train": "pretrain.benchmarks.training_step",
     "gpu": "pretrain.benchmarks.gpu",
+    "gguf": "pretrain.benchmarks.gguf_types",
+    "optimizer": "pretrain.benchmarks.optimizer_comparison",
 }
 
 

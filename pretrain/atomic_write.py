@@ -49,6 +49,14 @@ def publish(staging: Path, final: Path, retired: Path | None = None) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def remove_whole(folder: Path) -> None:
+    """Delete `folder` so that it is gone whole or still whole: renamed to `.NAME.deleting` first, then removed, so a
+    kill during the deletion leaves only a hidden folder, never a half-deleted one under its name."""
+    hidden = folder.with_name(f".{folder.name}.deleting")
+    folder.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         _fsync_path(path)

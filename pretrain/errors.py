@@ -4,7 +4,7 @@
     def main(): ...; raise InputError("--vocab_size must be at least 261; pass a larger value")
     if __name__ == "__main__": run_main(main)
 
-Exit statuses of pre-training.py (listed in the README too): 0 done; 2 bad input, an output_dir that cannot be
+Exit statuses of pre-training.py (listed in docs/distributed.md too): 0 done; 2 bad input, an output_dir that cannot be
 written or cannot hold one checkpoint; 3 the loss kept diverging; 74 a checkpoint could not be written (disk
 full, ...); 75 stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with `resume_from_checkpoint: latest`.
 A second signal ends the process at once by that signal (a shell shows 143 for SIGTERM, 130 for SIGINT).

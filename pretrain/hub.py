@@ -87,30 +87,87 @@ def upload_dataset_folder(folder: Path, repo_id: str, token: str | None) -> None
 
 
 class HubPusher:
-    """Uploads in the background; a failed push is a warning, never the end of a training run."""
+    """Uploads checkpoints in the background. A failed upload is a warning, never the end of a training run: the
+    checkpoint stays on disk, the upload is retried with the next checkpoint and at the end, and the end of the run
+    says what is still not on the Hub and the command that uploads it."""
+
+    EXCLUDE = "accelerate_state/*"  # the resumable state stays local: only the model is sent
 
     def __init__(self, api, repo_id: str, say=print):
         self.api, self.repo_id, self.say = api, repo_id, say
-        self.pending = []
+        self.pending = []   # (folder, branch, future) of the uploads under way
+        self.failed = {}    # folder -> branch, for the uploads that failed and wait for a retry
+        self.warned = set()  # folders already reported: a Hub that stays down is reported once per checkpoint
+        self.order = {}      # folder -> when it was first pushed, for the summary
 
     def push(self, folder: Path, branch: str | None):
+        self.order.setdefault(folder, len(self.order))
+        self.collect(wait=False)
+        self.retry()
+        self.submit(folder, branch)
+
+    def submit(self, folder: Path, branch: str | None):
         try:
             if branch is not None:
                 self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
             future = self.api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision=branch,
                                             commit_message=f"{folder.name}",
-                                            ignore_patterns=["accelerate_state/*"], run_as_future=True)
-            self.pending.append((folder.name, future))
+                                            ignore_patterns=[self.EXCLUDE], run_as_future=True)
+            self.pending.append((folder, branch, future))
         except Exception as error:  # network and Hub errors alike must not stop training
-            self.say(f"warning: could not push {folder.name} to {self.repo_id}: {error}")
+            self.record_failure(folder, branch, error)
 
-    def wait(self):
-        for name, future in self.pending:
+    def record_failure(self, folder: Path, branch: str | None, error: BaseException):
+        self.failed[folder] = branch
+        if folder not in self.warned:
+            self.warned.add(folder)
+            self.say(f"warning: could not push {folder.name} to {self.repo_id}: {first_line(error)}; it stays in "
+                     f"{folder} and the upload is tried again with the next checkpoint")
+
+    def collect(self, wait: bool):
+        """Take in the uploads that have ended (all of them, waiting, when `wait`)."""
+        running = []
+        for folder, branch, future in self.pending:
+            if not wait and not future.done():
+                running.append((folder, branch, future))
+                continue
             try:
                 future.result()
+                self.failed.pop(folder, None)
             except Exception as error:
-                self.say(f"warning: could not push {name} to {self.repo_id}: {error}")
-        self.pending.clear()
+                self.record_failure(folder, branch, error)
+        self.pending = running
+
+    def retry(self):
+        for folder, branch in list(self.failed.items()):
+            if not folder.is_dir():  # pruned by keep_last_checkpoints, or rolled back, before it could be sent
+                del self.failed[folder]
+                self.say(f"warning: {folder.name} was never pushed to {self.repo_id} and is no longer on disk")
+                continue
+            del self.failed[folder]
+            self.submit(folder, branch)
+
+    def wait(self):
+        """At the end of the run: wait for the uploads, try the failed ones once more while the Hub answers, and
+        say what is still not on the Hub, with the command that uploads each folder."""
+        self.collect(wait=True)
+        if self.failed and hub_reachable():
+            self.retry()
+            self.collect(wait=True)
+        if self.failed:
+            self.say("\n".join(self.not_uploaded()))
+
+    def not_uploaded(self) -> list[str]:
+        import shlex
+
+        failed = sorted(self.failed.items(), key=lambda item: self.order.get(item[0], 0))
+        names = ", ".join(f"{folder.name} (branch {branch or 'main'})" for folder, branch in failed)
+        lines = [f"not uploaded to {self.repo_id}: {names}; the folders are complete on disk, upload them with:"]
+        for folder, branch in failed:
+            revision = f" --revision {shlex.quote(branch)}" if branch else ""
+            lines.append(f"  hf upload {shlex.quote(self.repo_id)} {shlex.quote(str(folder))} .{revision} "
+                         f"--exclude {shlex.quote(self.EXCLUDE)}")
+        return lines
 
 
 def open_model_repo(spec) -> HubPusher:

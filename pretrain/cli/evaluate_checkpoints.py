@@ -29,7 +29,8 @@ from pretrain.evaluation.harness import PRESETS, benchmark_keys, display_name, p
 from pretrain.hub import looks_local, require_hub
 from pretrain.training.checkpoints import step_folders
 
-COLUMNS = ["checkpoint", "step", "tokens_seen", "eval_loss", "perplexity", "eval_tokens", "energy_kwh", "co2_kg"]
+COLUMNS = ["checkpoint", "step", "tokens_seen", "eval_loss", "perplexity", "eval_tokens", "energy_kwh", "co2_kg",
+           "best"]
 
 
 def parse_args(argv=None):
@@ -188,7 +189,16 @@ def evaluate_checkpoints(checkpoints: list[tuple[str, Path]], data: Path, batch_
                 tasks, limit=limit, batch_size=batch_size, max_length=block_size)
             rows[-1].update(benchmark.metrics)
         accelerator.free_memory(model)
+    mark_best(rows)
     return rows, benchmark
+
+
+def mark_best(rows: list[dict]):
+    """Set `best` on the row with the lowest eval loss (the earliest of equals), False on the others."""
+    finite = [row for row in rows if math.isfinite(row["eval_loss"])]
+    best = min(finite, key=lambda row: row["eval_loss"]) if finite else None
+    for row in rows:
+        row["best"] = row is best
 
 
 def document_ids(spec: dict, config) -> tuple[int | None, int | None] | None:
@@ -262,7 +272,8 @@ def markdown_table(rows: list[dict]) -> str:
     energy = any(row["energy_kwh"] for row in rows)
     benchmarks = benchmark_keys(rows)
     header = ["checkpoint", "step", "tokens seen", "eval loss", "perplexity"] + \
-        (["energy (kWh)", "CO2 (kg)"] if energy else []) + [display_name(key) for key in benchmarks]
+        (["energy (kWh)", "CO2 (kg)"] if energy else []) + [display_name(key) for key in benchmarks] + \
+        ["best"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["checkpoint"], _number(row["step"]), _number(row["tokens_seen"]), f"{row['eval_loss']:.4f}",
@@ -270,6 +281,7 @@ def markdown_table(rows: list[dict]) -> str:
         if energy:
             cells += [_number(row["energy_kwh"], ".4g"), _number(row["co2_kg"], ".4g")]
         cells += [_number(row.get(key), ".4f") for key in benchmarks]
+        cells.append("yes" if row.get("best") else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,10 +316,14 @@ def _write_json(rows: list[dict], path: Path):
 def _plot_perplexity(rows: list[dict], path: Path):
     points = sorted((row["tokens_seen"], row["perplexity"]) for row in rows
                     if row["tokens_seen"] is not None and math.isfinite(row["perplexity"]))
+    best = next((row for row in rows if row.get("best") and row["tokens_seen"] is not None), None)
 
     def draw_perplexity(axes):
         if points:
             axes.plot(*zip(*points), "o-", label="test perplexity")
+            if best is not None:
+                axes.plot([best["tokens_seen"]], [best["perplexity"]], "*", markersize=16, color="tab:red",
+                          label=f"best: {best['checkpoint']} (eval loss {best['eval_loss']:.4f})")
             axes.legend()
         axes.set_xlabel("tokens seen")
         axes.set_ylabel("perplexity")

@@ -1,11 +1,14 @@
-"""A checkpoint as one GGUF file for llama.cpp and Ollama: the command line and flow of Utilities/export-gguf.py.
+"""A checkpoint as one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it: the command line
+and flow of Utilities/export-gguf.py.
 
     python Utilities/export-gguf.py output/final-checkpoint model.gguf            # 16-bit weights
-    python Utilities/export-gguf.py output/final-checkpoint model-f32.gguf --dtype f32
+    python Utilities/export-gguf.py output/final-checkpoint model-q8_0.gguf --dtype q8_0
 
 The file holds what llama.cpp's own converter writes for a Llama: the "llama" architecture and its settings, the
 weights under llama.cpp's tensor names (query and key rows reordered for its rotary embedding), and the tokenizer
 as a "llama" (sentencepiece) vocabulary read from the checkpoint's tokenizer.model: pieces, scores and types.
+The quantized types are those the gguf package quantizes itself (its K-quants only dequantize), with the tensors
+llama.cpp keeps in higher precision kept so (see tensor_type).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from pathlib import Path
 
 from pretrain.errors import InputError
 
-DTYPES = ("f16", "f32")
+# --dtype: the type of the matrices and the file type llama.cpp records for it. Each is one gguf.quants writes
+# bit for bit as ggml does; gguf 0.19 has no quantizer for the K-quants (Q4_K, Q6_K, ...), which llama.cpp's
+# llama-quantize makes from the f16 or f32 file.
+DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+          "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+          "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def parse_args(argv=None):
@@ -25,16 +34,21 @@ def parse_args(argv=None):
     parser.add_argument("checkpoint", help="checkpoint folder (output_dir/final-checkpoint or a step_N folder)")
     parser.add_argument("output", help="the .gguf file to write")
     parser.add_argument("--dtype", choices=DTYPES, default="f16",
-                        help="type of the matrices (norms stay f32, as llama.cpp keeps them); default: f16")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+                        help="type of the matrices: f32, f16, bf16, or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (norms "
+                             "stay f32, and the 4- and 5-bit types keep the output matrix in q8_0, as llama.cpp "
+                             "does); default: f16")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output file and the Modelfile beside it if they exist")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     folder, output = Path(args.checkpoint), Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise InputError(f"'{output}' already exists; remove it, choose another output file or pass --overwrite")
+    modelfile = output.with_name("Modelfile")
+    for path in (output, modelfile):
+        if path.exists() and not args.overwrite:
+            raise InputError(f"'{path}' already exists; remove it, choose another output folder or pass --overwrite")
     config = read_config(folder)
     proto, flags = read_tokenizer(folder)
     tensors = gguf_tensors(read_weights(folder), config)
@@ -42,9 +56,11 @@ def main(argv=None):
     if rows != len(proto.pieces):
         raise InputError(f"'{folder}' has {rows} embedding rows but its tokenizer has {len(proto.pieces)} pieces; "
                          f"export a checkpoint whose model_args.vocab_size is the tokenizer's size")
-    write_gguf(output, folder.resolve().name, config, tensors, proto, flags, args.dtype)
+    types = tensor_types(tensors, args.dtype)
+    write_gguf(output, folder.resolve().name, config, tensors, types, proto, flags, args.dtype,
+               modelfile_text(output.name, config, read_generation_config(folder)))
     print(f"wrote '{output}' ({output.stat().st_size / 2**20:.1f} MiB, {len(tensors)} tensors, {args.dtype}, "
-          f"vocabulary {rows:,})")
+          f"vocabulary {rows:,}) and '{modelfile}'")
 
 
 def read_config(folder: Path) -> dict:
@@ -113,6 +129,78 @@ def gguf_tensors(weights: dict, config: dict) -> dict:
     return tensors
 
 
+def tensor_types(tensors: dict, dtype: str) -> dict:
+    """Each tensor's ggml type for --dtype; an InputError when no matrix can take a quantized type."""
+    import gguf
+
+    matrices = gguf.GGMLQuantizationType[DTYPES[dtype][0]]
+    # With tied embeddings token_embd is also the output matrix, and llama-quantize treats it as one.
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    types = {name: tensor_type(name, array.ndim, matrices, head) for name, array in tensors.items()}
+    # A matrix whose rows do not split into the type's blocks stays f16, as llama.cpp's converter (for q8_0) and
+    # llama-quantize (for every type of 32-value blocks) keep it.
+    fallen = [name for name, qtype in types.items() if tensors[name].shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]]
+    types.update(dict.fromkeys(fallen, gguf.GGMLQuantizationType.F16))
+    if fallen and not any(qtype not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+                          for qtype in types.values()):
+        block_size = gguf.GGML_QUANT_SIZES[matrices][0]
+        raise InputError(f"--dtype {dtype} stores matrices in blocks of {block_size} values per row, and no matrix "
+                         f"of this model has such rows; export it as f16, bf16 or f32")
+    if fallen:
+        print(f"note: {len(fallen)} matrices stay f16, their rows not splitting into {dtype}'s blocks: "
+              f"{', '.join(fallen)}")
+    return types
+
+
+def tensor_type(name: str, ndim: int, matrices, head: str):
+    """llama.cpp's choice of type for one tensor: its converter's (convert_hf_to_gguf.py) for f32, f16, bf16 and
+    q8_0, llama-quantize's (src/llama-quant.cpp) for the 4- and 5-bit types, which the converter does not write."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    # Vectors and norms stay F32 in both: most of ggml's operations on 1-D tensors take F32 alone.
+    if ndim < 2 or name.endswith("_norm.weight"):
+        return types.F32
+    # llama-quantize keeps the output matrix in Q6_K below Q8_0 (logits are the most sensitive to rounding), and in
+    # Q8_0 when its rows do not split into Q6_K's 256-value blocks. gguf cannot write Q6_K, so Q8_0 it is: the
+    # same file llama-quantize writes for rows such as 64 or 1000, and otherwise an output matrix of 8.5 bits per
+    # weight where llama-quantize's has 6.5625.
+    # The untied token embedding is quantized like every other matrix, as llama-quantize does.
+    if name == head and matrices.name not in (*FLOAT_TYPES, "Q8_0"):
+        return types.Q8_0
+    return matrices
+
+
+def read_generation_config(folder: Path) -> dict:
+    """generation_config.json, or nothing when the checkpoint has none."""
+    path = folder / "generation_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def modelfile_text(gguf_name: str, config: dict, generation: dict) -> str:
+    """An Ollama Modelfile for the GGUF beside it: the prompt passed through as it is (a base model continues text;
+    it has no chat template), the context trained with, and the checkpoint's own sampling settings."""
+    lines = [f"FROM ./{gguf_name}", "",
+             "# A base model: the prompt goes in as it is, and the model continues it.",
+             'TEMPLATE "{{ .Prompt }}"',
+             "# Beyond the length trained with, the rotary positions are ones the model never saw.",
+             f"PARAMETER num_ctx {config['max_position_embeddings']}"]
+    sampling = {}
+    if generation:
+        # transformers decodes greedily unless do_sample is set, which Ollama spells temperature 0.
+        sampling["temperature"] = generation.get("temperature", 1.0) if generation.get("do_sample") else 0
+    for ours, theirs in (("top_k", "top_k"), ("top_p", "top_p"), ("repeat_penalty", "repetition_penalty"),
+                         ("num_predict", "max_new_tokens")):
+        if generation.get(theirs) is not None:
+            sampling[ours] = generation[theirs]
+    if "repeat_penalty" in sampling:
+        sampling["repeat_last_n"] = -1  # transformers penalises every token of the context, Ollama the last 64
+    if sampling:
+        lines.append("# Sampling as the checkpoint's generation_config.json sets it for its training samples.")
+        lines += [f"PARAMETER {name} {value}" for name, value in sampling.items()]
+    return "\n".join(lines) + "\n"
+
+
 def read_tokenizer(folder: Path):
     """The checkpoint's tokenizer.model (or, for a folder written before checkpoints carried one, the same model
     made from its tokenizer.json), and whether the tokenizer adds <s> before and </s> after a text."""
@@ -138,14 +226,15 @@ def read_tokenizer(folder: Path):
     return sentencepiece_model(spec, special_tokens), flags
 
 
-def write_gguf(output: Path, name: str, config: dict, tensors: dict, proto, flags: tuple[bool, bool],
-               dtype: str) -> None:
-    """Write the file under a temporary name and rename it into place, so a failed export leaves nothing."""
+def write_gguf(output: Path, name: str, config: dict, tensors: dict, types: dict, proto,
+               flags: tuple[bool, bool], dtype: str, modelfile: str) -> None:
+    """Write the file and the Modelfile under temporary names and rename them into place, so a failed export
+    leaves nothing."""
     import gguf
-    import numpy as np
 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    partial_modelfile = output.with_name(f".Modelfile.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
         writer.add_name(name)
@@ -161,25 +250,33 @@ def write_gguf(output: Path, name: str, config: dict, tensors: dict, proto, flag
         writer.add_rope_dimension_count(config["head_dim"])
         writer.add_rope_freq_base(float(config["rope_theta"]))
         writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        writer.add_file_type(gguf.LlamaFileType[DTYPES[dtype][1]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, proto, flags)
         for tensor_name, array in tensors.items():
-            # Vectors (the norms) stay float32, as llama.cpp's converter keeps them.
-            wanted = np.float16 if dtype == "f16" and array.ndim > 1 else np.float32
-            writer.add_tensor(tensor_name, np.ascontiguousarray(array, dtype=wanted))
+            qtype = types[tensor_name]
+            writer.add_tensor(tensor_name, gguf.quants.quantize(np_float32(array), qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        partial_modelfile.write_text(modelfile, encoding="utf-8")
         os.replace(partial, output)
+        os.replace(partial_modelfile, output.with_name("Modelfile"))
     except BaseException as error:
         writer.close()
         partial.unlink(missing_ok=True)
+        partial_modelfile.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise InputError(f"could not write '{output}' ({error}); free some space or choose another output "
                              f"file") from None
         raise
+
+
+def np_float32(array):
+    import numpy as np
+
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def add_tokenizer(writer, proto, flags: tuple[bool, bool]) -> None:

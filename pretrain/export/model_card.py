@@ -63,6 +63,13 @@ def card_text(spec, state, result: dict | None, hardware: str, parameters: int, 
              f"- Tokens seen: {state.tokens_seen:,} in {state.step:,} optimizer steps",
              f"- Hardware: {hardware}",
              f"- Time: {hours:.3g} hours of wall-clock (start-up, evaluation and checkpoints included)"]
+    if getattr(state, "branched_from", None):
+        source = state.branched_from
+        lines.append(f"- Branched from the run in {source['run']} at step {source['step']:,} (checkpoint "
+                     f"{source['checkpoint']}): the steps up to there are that run's")
+    if getattr(state, "stopped_early", False):
+        lines.append(f"- Stopped early at step {state.step:,}: {state.evaluations_without_improvement} evaluations in "
+                     f"a row without a new best eval loss (early_stopping_patience {t.early_stopping_patience})")
     if state.energy_kwh > 0:
         lines.append(f"- Energy: {state.energy_kwh:.4g} kWh, {state.co2_kg:.4g} kg CO2eq (CodeCarbon, electricity "
                      f"mix of {e.energy_country_iso_code})")
@@ -73,6 +80,7 @@ def card_text(spec, state, result: dict | None, hardware: str, parameters: int, 
         lines += ["", "## Evaluation", "",
                   f"On the test split of the tokenized corpus ({result.get('eval_tokens', 0):,} tokens): eval loss "
                   f"{result['eval_loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}."]
+        lines += best_lines(spec, state)
         if result.get("benchmarks") is not None:
             lines += ["", *benchmark_lines(result["benchmarks"])]
     if loss_plot:
@@ -85,6 +93,23 @@ def card_text(spec, state, result: dict | None, hardware: str, parameters: int, 
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
               "```", ""]
     return "\n".join(lines).replace("MODEL", t.hub_model_id or m.model_id)
+
+
+def best_lines(spec, state) -> list[str]:
+    """Where the run's best checkpoint (lowest eval loss) is, when the card can name it."""
+    import math
+
+    if getattr(state, "best_step", None) is None:
+        return []
+    if state.best_checkpoint == "final-checkpoint":
+        return ["", "This is the run's best checkpoint: no evaluation during training had a lower eval loss."]
+    where = f"`{state.best_checkpoint}/` in the run's output folder"
+    if spec.training.push_to_hub and spec.training.hub_model_id:
+        revision = state.best_checkpoint.replace("_", "-")
+        where += (f", and on the Hub as revision `{revision}` (`from_pretrained(\"{spec.training.hub_model_id}\", "
+                  f"revision=\"{revision}\")`)")
+    return ["", f"Best checkpoint: step {state.best_step:,}, with eval loss {state.best_eval_loss:.4f} (perplexity "
+                f"{math.exp(state.best_eval_loss):.2f}), the lowest of the run; its weights are {where}."]
 
 
 def benchmark_eval_results(benchmarks) -> list:

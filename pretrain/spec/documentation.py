@@ -27,7 +27,7 @@ def yaml_scalar(value, *, quote_strings: bool = True) -> str:
 
 
 def markdown_table() -> str:
-    """Every spec field with its default and help text, as the Markdown table the README carries."""
+    """Every spec field with its default and help text, as the Markdown table docs/spec.md carries."""
     lines = ["| Group | Field | Default | Meaning |", "|---|---|---|---|"]
     for group_name, cls in GROUPS.items():
         for f in dataclasses.fields(cls):
@@ -82,8 +82,8 @@ class ShippedSpec:
 SHIPPED_SPECS = {
     "specs.yaml": ShippedSpec(
         "TeenyTinyLlama-160m: 162,417,408 parameters at a 32,000-token vocabulary, 2048-token context.\n"
-        "Single-GPU defaults, 131,072 tokens per optimizer step (8 x 8 x 2048); see README.md for what to change for "
-        "several GPUs or nodes."),
+        "Single-GPU defaults, 131,072 tokens per optimizer step (8 x 8 x 2048); see docs/distributed.md for what to "
+        "change for several GPUs or nodes."),
     "specs-460m.yaml": ShippedSpec(
         "TeenyTinyLlama-460m: 468,239,360 parameters at a 32,000-token vocabulary, 2048-token context.\n"
         "The 160M model of specs.yaml widened and deepened, with half its learning rate (wider models want smaller "

@@ -19,10 +19,16 @@ ALIASES = {
     "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"},
     "mixed_precision": {"none": "no", "fp32": "no", "false": "no", "bfloat16": "bf16", "float16": "fp16"},
 }
-# transformers' get_scheduler names; not warmup_stable_decay, which needs the length of its decay phase, a value the
-# spec has no field for.
+# transformers' get_scheduler names; warmup_stable_decay takes its decay phase from decay_steps and decay_shape.
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr"]
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+DECAY_SHAPES = ["1-sqrt", "linear", "cosine"]
+# The share of a warmup_stable_decay run its decay takes when decay_steps is null (Hägele et al., 2024).
+DEFAULT_DECAY_FRACTION = 0.2
+# The final rate of cosine_with_min_lr, as a fraction of learning_rate, when min_lr_ratio is null.
+COSINE_MIN_LR_RATIO = 0.1
+# What extra_args.report_to may name: the trackers of accelerate that pretrain/training/tracking.py sets up.
+TRACKERS = ["wandb", "tensorboard"]
 # The rate transformers' polynomial schedule decays to: a peak at or below it cannot decay.
 POLYNOMIAL_LR_END = 1e-7
 DEFAULT_PROMPTS = [
@@ -90,6 +96,7 @@ class TrainingArguments:
     per_device_eval_batch_size: int = spec_field(8, "Sequences per evaluation batch on each device.", minimum=1)
     gradient_accumulation_steps: int = spec_field(8, "Micro-batches accumulated into one optimizer step.", minimum=1)
     learning_rate: float = spec_field(6e-4, "Peak learning rate (reached at the end of warm-up).", exclusive_minimum=0)
+    optimizer: str = spec_field("adamw", "adamw, or muon: torch.optim.Muon (torch 2.9 or newer) for the matrices of the decoder layers, AdamW for embeddings, output head and norms, with the same learning rate and weight decay.", choices=["adamw", "muon"])
     adam_epsilon: float = spec_field(1e-8, "AdamW epsilon.", exclusive_minimum=0)
     adam_beta1: float = spec_field(0.9, "AdamW beta1.", minimum=0)
     adam_beta2: float = spec_field(0.95, "AdamW beta2.", minimum=0)
@@ -97,6 +104,9 @@ class TrainingArguments:
     max_grad_norm: float | None = spec_field(1.0, "Clip the gradient norm to this value (null: no clipping).", exclusive_minimum=0)
     lr_scheduler_type: str = spec_field("cosine", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
     warmup_steps: int = spec_field(1000, "Optimizer steps of linear warm-up (longer than the run: the rate never reaches learning_rate, and a warning says how high it gets).", minimum=0)
+    decay_steps: int | None = spec_field(None, "warmup_stable_decay: the last optimizer steps of the run, over which the rate decays from learning_rate (null: 20% of the run).", minimum=1)
+    decay_shape: str = spec_field("1-sqrt", "warmup_stable_decay: shape of the decay: 1-sqrt, linear or cosine.", choices=DECAY_SHAPES)
+    min_lr_ratio: float | None = spec_field(None, "Final rate of warmup_stable_decay and cosine_with_min_lr as a fraction of learning_rate (null: 0 for warmup_stable_decay, 0.1 for cosine_with_min_lr).", minimum=0)
     max_steps: int | None = spec_field(None, "Optimizer steps to train for; null: `num_train_epochs` epochs.", minimum=1)
     num_train_epochs: float = spec_field(1, "Passes over the train split when `max_steps` is null.", exclusive_minimum=0)
     gradient_checkpointing: bool = spec_field(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
@@ -109,8 +119,12 @@ class TrainingArguments:
     mfu_peak_tflops: float | None = spec_field(None, "Peak bf16 TFLOP/s of one device that MFU is reported against (null: looked up from the GPU's name).", exclusive_minimum=0)
     push_to_hub: bool = spec_field(False, "Push checkpoints (branch step-N) and the final model (main) to `hub_model_id`.")
     resume_from_checkpoint: str | None = spec_field(None, "Resume from a checkpoint folder (output_dir/step_N) or `latest`.")
-    max_skipped_steps: int = spec_field(5, "Optimizer steps in a row with a non-finite loss or gradient norm that are skipped before rolling back to the last checkpoint.", minimum=1)
+    max_skipped_steps: int = spec_field(5, "Optimizer steps in a row skipped (a non-finite loss or gradient norm, or a spike) before rolling back to the last checkpoint.", minimum=1)
+    spike_sigma: float | None = spec_field(6.0, "Skip an optimizer step whose loss or gradient norm is more than this many standard deviations above the mean of the last `spike_window` steps (null: skip only non-finite ones).", exclusive_minimum=0)
+    spike_window: int = spec_field(128, "Optimizer steps whose losses and gradient norms `spike_sigma` is measured against; no step is judged a spike before the window has filled.", minimum=2)
     max_rollbacks: int = spec_field(3, "Rollbacks to the last checkpoint allowed before a diverging run stops.", minimum=0)
+    early_stopping_patience: int | None = spec_field(None, "Stop after this many evaluations in a row without a new best eval loss (lower by more than early_stopping_threshold); the run then ends as at max_steps (null: never stop early).", minimum=1)
+    early_stopping_threshold: float = spec_field(0.0, "The least fall of the eval loss, in nats per token, below the best so far that counts as an improvement for early_stopping_patience.", minimum=0)
     hub_model_id: str | None = spec_field(None, "Hub repository to push to, as user/name.")
     hub_token: str | None = spec_field(None, "Hub token (secret; falls back to HF_TOKEN). Never printed or saved.")
 
@@ -120,10 +134,11 @@ class ExtraArguments:
     wandb_token: str | None = spec_field(None, "Weights & Biases API key (secret; falls back to WANDB_API_KEY). Never printed or saved.")
     logger_name: str = spec_field("TeenyTinyLlama", "Name of the W&B project and of the run's logger.")
     wandb_log_steps: int = spec_field(10, "Optimizer steps between logged metrics, for metrics.jsonl and W&B alike.", minimum=1)
-    with_tracking: bool = spec_field(True, "Log to W&B when a token is given or WANDB_MODE is set.")
+    with_tracking: bool = spec_field(True, "Log to the trackers of report_to (false: to none of them, whatever report_to says).")
+    report_to: list[str] | None = spec_field(None, "Trackers beside metrics.jsonl: wandb, tensorboard, both, or [] for none; null: W&B alone, when a key is given or WANDB_MODE is set.")
     mixed_precision: str = spec_field("no", "Mixed precision: no, fp16 or bf16.", choices=["no", "fp16", "bf16"])
     checkpointing_steps: int | None = spec_field(1000, "Optimizer steps between checkpoints (null: only the final one).", minimum=1)
-    keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one and the one a run resumed from are always kept.", minimum=0)
+    keep_last_checkpoints: int = spec_field(0, "Keep only the newest k step_N checkpoints (0: keep all); the final one, the best one (lowest eval loss) and the one a run resumed from are always kept.", minimum=0)
     sample_every: int | None = spec_field(1000, "Optimizer steps between generated samples (null: never).", minimum=1)
     generation_seeds: list[str] = spec_field(DEFAULT_PROMPTS, "Prompts to sample from during training, one chosen at random each time.")
     track_energy: bool = spec_field(True, "Measure energy and CO2 with CodeCarbon, offline, one tracker per machine: totals in metrics.jsonl, W&B, trainer_state.json and the final summary.")

@@ -15,7 +15,18 @@ from pathlib import Path
 import yaml
 
 from pretrain.errors import InputError
-from pretrain.spec.fields import ALIASES, GROUPS, MASK, POLYNOMIAL_LR_END, SECRET_FIELDS, Spec, SpecError
+from pretrain.spec.fields import (
+    ALIASES,
+    COSINE_MIN_LR_RATIO,
+    DEFAULT_DECAY_FRACTION,
+    GROUPS,
+    MASK,
+    POLYNOMIAL_LR_END,
+    SECRET_FIELDS,
+    TRACKERS,
+    Spec,
+    SpecError,
+)
 
 
 def load_spec(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), *,
@@ -228,12 +239,16 @@ def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
     if t.do_eval and t.evaluation_strategy == "steps" and not t.eval_steps:
         problems.append("training_args.do_eval with evaluation_strategy 'steps' needs training_args.eval_steps "
                         "(or set evaluation_strategy: no to evaluate only at the end)")
+    if t.early_stopping_patience is not None:
+        problems += early_stopping_problems(t)
     if t.lr_scheduler_type == "polynomial" and t.learning_rate <= POLYNOMIAL_LR_END:
         problems.append(f"training_args.learning_rate ({t.learning_rate:g}) must be above {POLYNOMIAL_LR_END:g}, the "
                         f"rate the polynomial schedule decays to; raise it or choose another lr_scheduler_type")
     elif t.lr_scheduler_type == "constant" and t.warmup_steps:
         notes.append(f"warning: training_args.lr_scheduler_type 'constant' has no warm-up, so warmup_steps "
                      f"({t.warmup_steps}) is not used; choose constant_with_warmup to warm up")
+    problems += schedule_problems(t, t.max_steps)
+    notes += schedule_notes(t)
     if t.push_to_hub and not t.hub_model_id:
         problems.append("training_args.push_to_hub needs training_args.hub_model_id (user/name)")
     if not m.train_from_scratch and not m.model_to_train:
@@ -247,6 +262,10 @@ def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
     elif not e.eval_tasks and (e.eval_task_limit is not None or e.eval_include_path is not None):
         notes.append("note: extra_args.eval_task_limit and eval_include_path have no effect without "
                      "extra_args.eval_tasks")
+    problems += [f"extra_args.report_to: {name!r} is not one of {', '.join(TRACKERS)}{did_you_mean(name, TRACKERS)}"
+                 for name in e.report_to or [] if name not in TRACKERS]
+    if e.report_to and not e.with_tracking:
+        notes.append("note: extra_args.report_to has no effect while extra_args.with_tracking is false")
     if t.adam_beta1 >= 1 or t.adam_beta2 >= 1:
         problems.append("training_args.adam_beta1 and adam_beta2 must be below 1")
     # Accepted so that older spec files load, but nothing here can act on them.
@@ -261,6 +280,61 @@ def cross_checks(spec: Spec) -> tuple[list[str], list[str]]:
                      "tokenized folder with one background thread, and tokenizing is done beforehand by "
                      "Utilities/tokenize-dataset.py (its --num-proc)")
     return problems, notes
+
+
+def decay_steps_of(t, max_steps: int) -> int:
+    """The last optimizer steps of a warmup_stable_decay run of `max_steps` steps, over which its rate decays."""
+    return t.decay_steps if t.decay_steps is not None else max(1, round(max_steps * DEFAULT_DECAY_FRACTION))
+
+
+def min_lr_ratio_of(t) -> float:
+    """The final rate as a fraction of learning_rate; null keeps each schedule's former floor (cosine_with_min_lr
+    ended at a tenth of the peak before the field existed)."""
+    if t.min_lr_ratio is not None:
+        return t.min_lr_ratio
+    return COSINE_MIN_LR_RATIO if t.lr_scheduler_type == "cosine_with_min_lr" else 0.0
+
+
+def schedule_problems(t, max_steps: int | None) -> list[str]:
+    """What makes the schedule impossible; the phases of warmup_stable_decay are checked once `max_steps` is known
+    (at set-up when the run is counted in epochs)."""
+    problems = []
+    if t.min_lr_ratio is not None and t.min_lr_ratio > 1:
+        problems.append(f"training_args.min_lr_ratio ({t.min_lr_ratio:g}) must be at most 1: it is the final rate "
+                        f"as a fraction of learning_rate")
+    if t.lr_scheduler_type == "warmup_stable_decay" and max_steps is not None:
+        decay = decay_steps_of(t, max_steps)
+        if t.warmup_steps + decay > max_steps:
+            share = "" if t.decay_steps is not None else ", 20% of the run"
+            problems.append(f"training_args.warmup_steps ({t.warmup_steps}) and decay_steps ({decay}{share}) add up "
+                            f"to more than the run's {max_steps} optimizer steps: warmup_stable_decay warms up, holds, "
+                            f"then decays over the last decay_steps; lower warmup_steps or decay_steps, or raise "
+                            f"max_steps")
+    return problems
+
+
+def early_stopping_problems(t) -> list[str]:
+    """Early stopping counts the evaluations made during the run: a run without any cannot honour it."""
+    if not t.do_train:
+        return ["training_args.early_stopping_patience is set but training_args.do_train is false: there is no "
+                "training to stop; drop early_stopping_patience"]
+    if not t.do_eval or t.evaluation_strategy != "steps":
+        return ["training_args.early_stopping_patience needs evaluations during the run: set do_eval true and "
+                "evaluation_strategy steps (with eval_steps), or drop early_stopping_patience"]
+    if t.eval_steps and t.max_steps is not None and t.eval_steps >= t.max_steps:
+        return [f"training_args.early_stopping_patience needs evaluations during the run, but eval_steps "
+                f"({t.eval_steps}) is not below max_steps ({t.max_steps}): lower eval_steps or drop "
+                f"early_stopping_patience"]
+    return []
+
+
+def schedule_notes(t) -> list[str]:
+    wsd = t.lr_scheduler_type == "warmup_stable_decay"
+    unused = [name for name, value in (("decay_steps", t.decay_steps), ("min_lr_ratio", t.min_lr_ratio))
+              if value is not None and not wsd and not (name == "min_lr_ratio"
+                                                        and t.lr_scheduler_type == "cosine_with_min_lr")]
+    return [f"note: training_args.{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
+            f"lr_scheduler_type '{t.lr_scheduler_type}'"] if unused else []
 
 
 def parse_cli(argv: typing.Sequence[str] | None, description: str):

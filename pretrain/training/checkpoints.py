@@ -3,20 +3,26 @@
     folder = save_checkpoint(run, "step_100")     # every process calls it; published whole or not at all
     resume_from = resolve_resume(spec, output_dir, say)
     state = read_train_state(resume_from)
+    load_resumable_state(accelerator, model, optimizer, scheduler, resume_from / "accelerate_state")  # any launch
 
-A checkpoint holds the Hugging Face model and tokenizer, accelerate's resumable state (model, optimizer, scheduler,
-RNG), the resolved spec with every secret removed, and trainer_state.json (step, data position, losses).
+A checkpoint holds the Hugging Face model and tokenizer, the resumable state in accelerate_state/ (model and optimizer
+in torch's distributed checkpoint format, scheduler, random states), the resolved spec with every secret removed, and
+trainer_state.json (step, data position, losses).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
-from pretrain.atomic_write import publish
+from pretrain.atomic_write import publish, remove_whole
 from pretrain.errors import EXIT_WRITE_FAILED, InputError
+from pretrain.training import best_checkpoint
 from pretrain.training.state import Run, TrainState
 
 # A checkpoint holds the fp32 weights twice (accelerate_state/ and the Hugging Face model.safetensors) and AdamW's
@@ -122,10 +128,7 @@ def prune_checkpoints(output_dir: Path, keep_last: int, protected) -> list[Path]
     protected = {Path(p).resolve() for p in protected if p is not None}
     doomed = [folder for _, folder in step_folders(output_dir)[:-keep_last] if folder.resolve() not in protected]
     for folder in doomed:
-        # Renamed first, so a kill during the deletion never leaves a half-deleted folder named step_N.
-        hidden = folder.with_name(f".{folder.name}.deleting")
-        folder.rename(hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        remove_whole(folder)
     return doomed
 
 
@@ -137,11 +140,14 @@ def save_checkpoint(run: Run, name: str, write_extra=None) -> Path:
     agreeing on success, so they all publish or all stop and none waits forever at a later collective.
     """
     accelerator = run.accelerator
+    if run.spikes is not None:  # the spike window lives on the device between checkpoints
+        run.spikes.store(run.state)
     final, staging = run.output_dir / name, run.output_dir / f".{name}.tmp"
     error = _attempt(_fresh_folder, staging) if accelerator.is_main_process else None
     error = _agree(accelerator, error)
     if error is None:
-        error = _agree(accelerator, _attempt(accelerator.save_state, str(staging / "accelerate_state")))
+        error = _agree(accelerator, _attempt(save_resumable_state, accelerator, run.model, run.optimizer,
+                                             run.scheduler, staging / "accelerate_state"))
     if error is None:
         state_dict = accelerator.get_state_dict(run.model)  # every process takes part under FSDP
         error = _agree(accelerator, _attempt(_write_model_and_state, run, staging, state_dict, name, write_extra))
@@ -164,7 +170,9 @@ def save_checkpoint(run: Run, name: str, write_extra=None) -> Path:
         run.last_checkpoint = final
         if accelerator.is_main_process:
             prune_checkpoints(run.output_dir, run.spec.extra.keep_last_checkpoints,
-                              protected=(final, run.resumed_from))
+                              protected=(final, run.resumed_from, *best_checkpoint.protected(run)))
+    if accelerator.is_main_process:
+        best_checkpoint.after_save(run, name)
     accelerator.wait_for_everyone()
     return final
 
@@ -218,3 +226,126 @@ def _write_model_and_state(run: Run, staging: Path, state_dict, name: str, write
         state = dict(run.state.__dict__, name=name, tokens_per_step=run.tokens_per_step)
         # Written last: latest_checkpoint() also asks for it, so a folder copied by hand half-way is not taken.
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The resumable state, readable under any launch
+#
+# accelerate's save_state writes the state in the shape of the launch that saved it (one full copy of the model and an
+# optimizer state keyed by parameter position under DDP, FSDP's own shards under FSDP), and only the same kind of
+# launch reads it back. Here the model and the optimizer go through torch's distributed checkpoint instead, keyed by
+# each parameter's name: every process of any launch (one process, DDP or FSDP on any number of processes) asks for
+# the tensors, or the slices of them, that it holds, and DCP reads them from whichever files hold them. The scheduler
+# and the random states are small and saved as they are. The Hugging Face model.safetensors beside this folder stays
+# the portable copy of the weights.
+
+MODEL_AND_OPTIMIZER = "model_and_optimizer"
+
+
+def save_resumable_state(accelerator, model, optimizer, scheduler, folder: Path):
+    """Write the model, optimizer, scheduler and random states into `folder` (every process calls it)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model_state, optimizer_state = _state_dicts(model, optimizer)
+    try:
+        with _quiet_about_one_process():
+            dcp.save({"model": model_state, "optimizer": optimizer_state},
+                     checkpoint_id=str(folder / MODEL_AND_OPTIMIZER))
+    except CheckpointException as error:  # a BaseException; the caller reports write errors that are OSErrors
+        raise OSError(_first_failure(error)) from None
+    torch.save(_random_states(), folder / f"random_states_{accelerator.process_index}.pkl")
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler  # fp16's loss scale, tuned during the run
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                   folder / "scheduler.pt")
+
+
+def load_resumable_state(accelerator, model, optimizer, scheduler, folder: Path):
+    """Restore what save_resumable_state wrote, into the model and optimizer as this launch wraps and shards them."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if not (folder / MODEL_AND_OPTIMIZER).is_dir():
+        _load_accelerate_state(accelerator, scheduler, folder)
+        return
+    model_state, optimizer_state = _state_dicts(model, optimizer)  # this launch's tensors, filled in place
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with _quiet_about_one_process():
+        dcp.load(state, checkpoint_id=str(folder / MODEL_AND_OPTIMIZER))
+    set_state_dict(model, _torch_optimizer(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"], options=_options())
+    # Our own files, written by a run of this training: the pickled random states need weights_only off.
+    saved = torch.load(folder / "scheduler.pt", weights_only=False)
+    scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler is not None and saved["scaler"] is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    # A process the saving launch did not have starts from the main process's random state, as every process did at
+    # the start of the run (one seed for all).
+    mine = folder / f"random_states_{accelerator.process_index}.pkl"
+    _set_random_states(torch.load(mine if mine.is_file() else folder / "random_states_0.pkl", weights_only=False))
+
+
+def _load_accelerate_state(accelerator, scheduler, folder: Path):
+    """A checkpoint of an earlier version of the suite, written by accelerate's save_state with the scheduler as its
+    one registered object: it loads under the kind of launch that wrote it."""
+    if not any(registered is scheduler for registered in accelerator._custom_objects):  # once, however many loads
+        accelerator.register_for_checkpointing(scheduler)
+    accelerator.load_state(str(folder))
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # A flat optimizer state ("state.<parameter>.exp_avg", "param_groups.<parameter>.lr"): every entry is named after
+    # its parameter, so nothing depends on the order or grouping of parameters in the optimizer of the saving launch.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+
+
+def _state_dicts(model, optimizer):
+    """The model's and optimizer's state keyed by parameter name, each tensor as this process holds it (a shard under
+    FSDP). On an optimizer that has not stepped yet, torch first creates its moments with a zero-rate step."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, _torch_optimizer(optimizer), options=_options())
+
+
+@contextlib.contextmanager
+def _quiet_about_one_process():
+    """Without a process group DCP warns on every call that it assumes one process, which is what a run of one
+    process means: the warning would only be noise in its log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _first_failure(error) -> str:
+    """The first process's own error, without the tracebacks DCP's message carries."""
+    cause, _ = next(iter(error.failures.values()))
+    return str(cause) or type(cause).__name__
+
+
+def _random_states() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all()}
+
+
+def _set_random_states(states: dict):
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    # A machine with fewer GPUs than the one that saved takes the states of those it has.
+    torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])

@@ -26,6 +26,9 @@ E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 LAW = f"L(N, D) = {E} + {A}/N^{ALPHA} + {B}/D^{BETA}"
 LAW_CAVEAT = ("the law's constants were fitted to Hoffmann et al.'s models, their MassiveText data and their "
               "tokenizer, not ours: read its losses as a trend, not as a target for ours")
+# The range of the models and data the law was fitted on (about 400 runs): outside it a prediction is an
+# extrapolation the paper does not support, and at a few hundred thousand parameters it is off by orders of magnitude.
+FIT_PARAMETERS, FIT_TOKENS = (70e6, 16e9), (5e9, 500e9)
 # Only the ids matter to llama_config here, not their values: a spec alone has no tokenizer.
 SPECIAL_IDS = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
@@ -39,6 +42,17 @@ def sci(value: float) -> str:
 def chinchilla_loss(parameters: float, tokens: float) -> float:
     """The law's loss, in nats per token, for N parameters trained on D tokens."""
     return E + A / parameters ** ALPHA + B / tokens ** BETA
+
+
+def outside_fit(parameters: float, tokens: float | None) -> str | None:
+    """Why the law cannot be read for N parameters on D tokens (None: both lie in the range it was fitted on)."""
+    low_n, high_n = FIT_PARAMETERS
+    low_d, high_d = FIT_TOKENS
+    if low_n <= parameters <= high_n and (tokens is None or low_d <= tokens <= high_d):
+        return None
+    return (f"no prediction: Hoffmann et al. fitted their law on models of {sci(low_n)} to {sci(high_n)} parameters "
+            f"and {sci(low_d)} to {sci(high_d)} tokens, and this run ({sci(parameters)} parameters"
+            + (f", {sci(tokens)} tokens" if tokens is not None else "") + ") lies outside that range")
 
 
 def compute_optimal(flops: float) -> tuple[float, float]:
@@ -64,6 +78,8 @@ class ComputePlan:
     tokens_per_second: float | None = None    # all devices together
     gpu_watts: float | None = None            # one GPU's board power
     gpus: int = 1
+    # Passes over each train split by name, with its train tokens; or why they are unknown (no manifest yet).
+    passes: dict[str, tuple[float, int]] | str | None = None
 
     @property
     def hours(self) -> float | None:
@@ -89,7 +105,9 @@ def plan_for_spec(spec, num_processes: int, tokens: int | None = None, **through
     if tokens is None and spec.training.max_steps is not None:
         tokens = spec.training.max_steps * tokens_per_step(spec, num_processes)
     config = llama_config(spec, SPECIAL_IDS, spec.model.vocab_size)
-    return plan_for_config(config, spec.data.block_size, tokens, **throughput)
+    plan = plan_for_config(config, spec.data.block_size, tokens, **throughput)
+    plan.passes = spec_passes(spec, tokens)
+    return plan
 
 
 def plan_lines(plan: ComputePlan) -> list[str]:
@@ -105,9 +123,16 @@ def plan_lines(plan: ComputePlan) -> list[str]:
     else:
         lines += [f"tokens (D): {d:,} ({d / n:.1f} tokens per parameter)",
                   f"training FLOPs: {sci(d * plan.flops_per_token)} ({plan.flops_per_token:,} = {per_token})"]
-    lines += [f"Hoffmann et al. (2022): {LAW}, in nats per token (perplexity = e^L)",
-              f"  compute-optimal tokens for this size: {sci(optimal_d)} ({optimal_d / n:.1f} per parameter)"]
-    if d is not None:
+    if isinstance(plan.passes, str):
+        lines.append(f"passes (epochs) over the train split: {plan.passes}")
+    elif plan.passes:
+        lines += passes_lines(plan.passes)
+    lines.append(f"Hoffmann et al. (2022): {LAW}, in nats per token (perplexity = e^L)")
+    if reason := outside_fit(n, d):
+        lines.append(f"  {reason}")
+    else:
+        lines.append(f"  compute-optimal tokens for this size: {sci(optimal_d)} ({optimal_d / n:.1f} per parameter)")
+    if d is not None and not reason:
         budget = 6 * n * d
         best_n, best_d = compute_optimal(budget)
         loss, best_loss = chinchilla_loss(n, d), chinchilla_loss(best_n, best_d)
@@ -123,15 +148,80 @@ def plan_lines(plan: ComputePlan) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Passes over the data
+
+# Muennighoff et al. (2023), "Scaling Data-Constrained Language Models": up to about this many passes over the same
+# data are worth nearly as much as fresh data; past it each further pass is worth quickly less.
+USEFUL_PASSES = 4
+DATA_CONSTRAINED = ('Muennighoff et al. (2023, "Scaling Data-Constrained Language Models") found that up to about '
+                    f"{USEFUL_PASSES} passes over the same data are worth nearly as much as fresh data, and that the "
+                    f"returns fall off quickly after that")
+
+
+def data_passes(names: list[str], blocks: list[int], weights: list[float], block_size: int, tokens: int | None,
+                epochs: float | None = None) -> dict[str, tuple[float, int]]:
+    """{name: (passes, train tokens)} for each train split of `blocks` blocks that `tokens` training tokens make,
+    drawn by `weights` (one folder: [1]); `epochs` epochs of them all when `tokens` is None."""
+    total = sum(blocks)
+    samples = tokens / block_size if tokens is not None else epochs * total
+    return {name: (samples * weight / sum(weights) / count, count * block_size)
+            for name, count, weight in zip(names, blocks, weights)}
+
+
+def spec_passes(spec, tokens: int | None) -> dict[str, tuple[float, int]] | str:
+    """The passes a spec's run makes over its train splits, counted from their manifests (no data read); the reason
+    when a folder has no manifest to count from."""
+    from pathlib import Path
+
+    from pretrain.data.manifest import read_manifest
+    from pretrain.data.mixture import source_names
+    from pretrain.data.tokenized_folder import SANITY_BLOCKS
+
+    d = spec.data
+    folders = list(d.mixture) if d.mixture is not None else [d.folder_path]
+    blocks = []
+    for folder in folders:
+        manifest = read_manifest(folder) if Path(folder).is_dir() else None
+        if manifest is None:
+            return f"not counted ('{folder}' has no manifest.json: it is not tokenized yet)"
+        count = int(manifest["splits"]["train"]["blocks"])
+        blocks.append(min(count, SANITY_BLOCKS["train"]) if d.sanity_check else count)
+    names = source_names(folders) if d.mixture is not None else [Path(d.folder_path).name]
+    weights = list(d.mixture.values()) if d.mixture is not None else [1.0]
+    return data_passes(names, blocks, weights, d.block_size, tokens, spec.training.num_train_epochs)
+
+
+def passes_lines(passes: dict[str, tuple[float, int]]) -> list[str]:
+    """The passes over each train split, and a warning when one is read more than USEFUL_PASSES times."""
+    if len(passes) == 1:
+        (count, tokens), = passes.values()
+        lines = [f"passes (epochs) over the train split: {count:.2f} of its {tokens:,} tokens"]
+    else:
+        lines = ["passes (epochs) over each train split: " + ", ".join(
+            f"{name} {count:.2f} of {tokens:,} tokens" for name, (count, tokens) in passes.items())]
+    many = {name: value for name, value in passes.items() if value[0] > USEFUL_PASSES}
+    if many:
+        which = ", ".join(f"{count:.1f} passes over {name}'s {tokens:,} tokens"
+                          for name, (count, tokens) in many.items())
+        lines.append(f"warning: the run reads its data more than {USEFUL_PASSES} times ({which}); "
+                     f"{DATA_CONSTRAINED}: more text, fewer steps or a smaller model use the compute better, and "
+                     f"training_args.early_stopping_patience keeps the best checkpoint and stops once the eval loss "
+                     f"no longer falls")
+    return lines
+
+
 def result_lines(plan: ComputePlan, state, eval_loss: float | None, machines: int | None) -> list[str]:
     """What a run did beside its plan: tokens, hours, energy, the final eval loss beside the law's prediction.
 
     `machines`: how many machines measured energy this run (None: energy tracking is off).
     """
     planned = f", {plan.tokens:,} planned" if plan.tokens is not None else ""
+    optimal = ("" if outside_fit(plan.parameters, None) else
+               f"; compute-optimal for this size: {sci(compute_optimal_tokens(plan.parameters))}")
     lines = ["# plan and result",
              f"tokens: {state.tokens_seen:,} trained{planned} ({state.tokens_seen / plan.parameters:.2f} per "
-             f"parameter; compute-optimal for this size: {sci(compute_optimal_tokens(plan.parameters))})",
+             f"parameter{optimal})",
              f"time: {state.run_seconds / 3600:.4g} hours of wall-clock (start-up, evaluation and checkpoints "
              f"included), every run of this training included"]
     if machines is None:
@@ -143,6 +233,8 @@ def result_lines(plan: ComputePlan, state, eval_loss: float | None, machines: in
                      f"machine(s) this run, every run of this training included)")
     if eval_loss is None:
         lines.append("final eval loss: not measured (training_args.do_eval is false)")
+    elif state.tokens_seen and (reason := outside_fit(plan.parameters, state.tokens_seen)):
+        lines.append(f"final eval loss: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f}); {reason}")
     elif state.tokens_seen:
         law = chinchilla_loss(plan.parameters, state.tokens_seen)
         lines.append(f"final eval loss: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f}); the law predicts "

@@ -6,10 +6,10 @@ samples during it, and the end of a run (final evaluation, checkpoint, plot, pus
     finish(run, sources)
 
 Reads `data_args.folder_path`/train and /test (written by Utilities/tokenize-dataset.py), or every folder of
-`data_args.mixture` (one pretrain.data.mixture.Source each, drawn from by weight), trains with AdamW and a
+`data_args.mixture` (one pretrain.data.mixture.Source each, drawn from by weight), trains with AdamW (or Muon) and a
 warm-up schedule counted in optimizer steps, evaluates perplexity over the whole test split, samples text, writes
 resumable checkpoints to `output_dir/step_N/` and `output_dir/final-checkpoint/`, and logs every
-`wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to W&B when enabled).
+`wandb_log_steps` steps to `output_dir/metrics.jsonl` (and to the trackers of tracking.py: W&B, TensorBoard).
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from pretrain.model.build import (
 )
 from pretrain.model.document_attention import document_layout
 from pretrain.model.loss import causal_lm_loss
-from pretrain.model.optimizer import build_optimizer, build_scheduler, warmup_note
-from pretrain.training import compute_plan, telemetry
+from pretrain.model.optimizer import align_schedule, build_optimizer, build_scheduler, schedule_line, warmup_note
+from pretrain.training import best_checkpoint, compute_plan, telemetry, tracking
 from pretrain.training.checkpoints import (
     check_free_space,
+    latest_checkpoint,
+    load_resumable_state,
     read_train_state,
     remove_leftovers,
     resolve_resume,
@@ -51,7 +53,8 @@ from pretrain.training.checkpoints import (
     truncate_metrics,
 )
 from pretrain.training.energy import start_energy_meter
-from pretrain.training.faults import StopSignals, agree_on_step, skip_step, stop_for_signal
+from pretrain.training.faults import SpikeWindow, StopSignals, agree_on_step, apply_step, skip_step, stop_for_signal
+from pretrain.training.resuming import batch_change_note, branch_record, carry_history, check_resume_fits, is_branch
 from pretrain.training.state import Run, TrainState
 
 if TYPE_CHECKING:
@@ -69,8 +72,8 @@ def setup(spec: Spec):
     from accelerate.utils import DistributedType, set_seed
 
 
-    tracking = tracking_enabled(spec)
-    accelerator = make_accelerator(spec, tracking)
+    trackers = tracking.chosen_trackers(spec)
+    accelerator = make_accelerator(spec, trackers)
     say = accelerator.print
     for note in spec.notes:
         say(note)
@@ -85,14 +88,24 @@ def setup(spec: Spec):
 
     set_seed(spec.training.seed)
     model = refuse_together(accelerator, lambda: build_model(spec, tokenizer, vocab_size, say))
+    # Compared before anything is written; for 'latest', with the newest checkpoint there now.
+    checked = resume_from or (latest_checkpoint(output_dir) if resume == "latest" else None)
+    if checked is not None:
+        check_resume(accelerator, spec, checked, model.config, say)
     # Before prepare(), so the chunked loss and compile sit inside the forward that DDP and FSDP wrap.
     prepare_model(model, spec.training, accelerator.device,
                   sharded=accelerator.distributed_type == DistributedType.FSDP, say=say)
-    optimizer = build_optimizer(model, spec, torch.device("cuda") if torch.cuda.is_available() else None)
+    optimizer = refuse_together(accelerator, lambda: build_optimizer(
+        model, spec, torch.device("cuda") if torch.cuda.is_available() else None))
     max_steps = refuse_together(accelerator, lambda: plan_max_steps(spec, sources, accelerator.num_processes)) \
         if spec.training.do_train else 0
+    if spec.training.do_train and spec.training.max_steps is None:  # the spec's checks could not count the steps
+        refuse_together(accelerator, lambda: check_schedule(spec, max_steps))
     if spec.training.do_train and (note := warmup_note(spec, max_steps)):
         say(note)
+    # Seconds, not W&B's own minutes, to find its server unreachable; a key it refuses stops the run here.
+    wandb_mode = refuse_together(accelerator, lambda: tracking.plan_wandb(spec, trackers)
+                                 if accelerator.is_main_process else None)
     created = refuse_together(accelerator, lambda: check_output_dir(output_dir))
     undo = functools.partial(remove_created, output_dir, created)
     refuse_together(accelerator, lambda: check_free_space(output_dir, count_parameters(model), spec, max_steps, say),
@@ -104,31 +117,66 @@ def setup(spec: Spec):
     accelerator.wait_for_everyone()
     if resume == "latest":  # looked up once the leftovers are tidied: one may be a checkpoint put back in place
         resume_from = resolve_resume(spec, output_dir, say)
+        if resume_from is not None and resume_from != checked:
+            check_resume(accelerator, spec, resume_from, accelerator.unwrap_model(model).config, say)
     if resume_from is not None:
         refuse_together(accelerator, lambda: check_resumed_sources(spec, read_train_state(resume_from), sources,
                                                                    resume_from))
     scheduler = build_scheduler(optimizer, spec, max_steps)
+    planned_rates = list(scheduler.base_lrs)  # this run's peaks, before a checkpoint puts back those of its run
     model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count.
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler stays unprepared so it steps once per optimizer step, whatever the process count; checkpoints
+    # save it with the model and optimizer (save_resumable_state).
 
     state = TrainState()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "accelerate_state"))
+        # Whatever launch saved it: one process, DDP or FSDP, on any number of processes.
+        load_resumable_state(accelerator, model, optimizer, scheduler, resume_from / "accelerate_state")
         state = read_train_state(resume_from)
         say(f"resumed from {resume_from} at step {state.step}")
+        follow_this_schedule(scheduler, planned_rates, spec, max_steps, state.step, say)
+        if is_branch(resume_from, output_dir):
+            state.branched_from = branch_record(resume_from, state.step)
+            say(f"branching from {resume_from.parent} at step {state.step}: {resume_from.parent} is only read, and "
+                f"{output_dir}'s metrics start with its history up to step {state.step}")
+            if accelerator.is_main_process:
+                carry_history(resume_from, output_dir, state.step)
     if accelerator.is_main_process:
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
         truncate_metrics(output_dir / "samples.jsonl", state.step)
-    if tracking:
-        accelerator.init_trackers(spec.extra.logger_name, config=spec.to_dict(mask_secrets=True),
-                                  init_kwargs={"wandb": {"name": spec.model.model_id, "dir": str(output_dir)}})
+    tracking.start_trackers(accelerator, spec, wandb_mode, say=say)
     # After every refusal, so a refused run writes no emissions file; each machine's tracker speaks for itself.
     energy = start_energy_meter(spec, accelerator, output_dir, state, resume_from, say=print)
     run = Run(spec, accelerator, model, optimizer, scheduler, tokenizer, output_dir, hub, state,
               tokens_per_step(spec, accelerator.num_processes), last_checkpoint=resume_from, resumed_from=resume_from,
               max_steps=max_steps, energy=energy)
     return run, sources, max_steps
+
+
+def check_resume(accelerator, spec: Spec, checkpoint: Path, config, say):
+    """Refuse a checkpoint this run's model cannot take; say in one line when its batch was another."""
+    refuse_together(accelerator, lambda: check_resume_fits(checkpoint, config, spec.data.block_size))
+    if note := batch_change_note(checkpoint, tokens_per_step(spec, accelerator.num_processes), spec,
+                                 accelerator.num_processes):
+        say(note)
+
+
+def check_schedule(spec: Spec, max_steps: int):
+    from pretrain.spec.loading import schedule_problems
+
+    if problems := schedule_problems(spec.training, max_steps):
+        raise InputError(problems[0])
+
+
+def follow_this_schedule(scheduler, planned_rates: list, spec: Spec, max_steps: int, step: int, say):
+    """Run the steps after a resume with this run's schedule and learning_rate, saying so when the next step's rate
+    differs from what the checkpoint's run would have given it (another max_steps, decay or peak)."""
+    scheduler.base_lrs = planned_rates
+    if changed := align_schedule(scheduler):
+        before, now = changed[0]
+        say(f"note: the learning rate follows this run's schedule ({spec.training.lr_scheduler_type} over "
+            f"{max_steps} steps, peak {spec.training.learning_rate:g}): step {step + 1} runs at {now:.3g} where the "
+            f"checkpoint's run had {before:.3g}")
 
 
 def refuse_together(accelerator, check, undo=None):
@@ -155,14 +203,15 @@ def refuse_together(accelerator, check, undo=None):
     return result
 
 
-def make_accelerator(spec: Spec, tracking: bool):
+def make_accelerator(spec: Spec, trackers: list[str]):
     """The Accelerator for this launch; refuses a launch that accelerate would quietly run as something else."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, parse_flag_from_env
 
     accelerator = Accelerator(mixed_precision=spec.extra.mixed_precision,
                               gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
-                              log_with="wandb" if tracking else None, fsdp_plugin=fsdp2_plugin(spec))
+                              log_with=tracking.make_trackers(spec, trackers) or None,
+                              fsdp_plugin=fsdp2_plugin(spec))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     problem = None
     if launched > 1 and accelerator.num_processes != launched:
@@ -175,6 +224,11 @@ def make_accelerator(spec: Spec, tracking: bool):
         problem = ("'accelerate launch --cpu' starts a single process (several need its --mpirun_hostfile); for N "
                    "processes on the CPU run: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
                    "pre-training.py ...")
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP") and spec.training.optimizer == "muon":
+        # torch.optim.Muon orthogonalizes whole matrices; FSDP hands each process a shard of every one.
+        problem = ("training_args.optimizer 'muon' is not supported under FSDP: Muon needs each weight matrix whole "
+                   "on the process that updates it; launch without the FSDP config (data parallel) or set "
+                   "training_args.optimizer=adamw")
     elif parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         problem = (f"an FSDP launch config was given but accelerate runs {accelerator.distributed_type.value} here: "
                    f"accelerate shards with FSDP only on GPUs (and similar devices); on the CPU launch without the "
@@ -235,17 +289,6 @@ def remove_created(output_dir: Path, created: Path | None):
             return
 
 
-def tracking_enabled(spec: Spec) -> bool:
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if not spec.extra.with_tracking or mode == "disabled":
-        return False
-    if spec.extra.wandb_token:
-        # wandb reads the key from the environment of this process only; it is never printed or saved.
-        os.environ["WANDB_API_KEY"] = spec.extra.wandb_token
-        return True
-    return bool(mode)
-
-
 def open_data(spec: Spec, tokenizer, vocab_size: int) -> list:
     """The run's sources: the one folder of `data_args.folder_path`, or every folder of `data_args.mixture`."""
     from pretrain.data.mixture import Source, open_sources
@@ -303,6 +346,7 @@ def fit(run: Run, sources: list, max_steps: int):
         run.accelerator.print(f"training {count_parameters(run.accelerator.unwrap_model(run.model)):,} parameters for "
                               f"{max_steps} optimizer steps of {run.tokens_per_step:,} tokens on "
                               f"{run.accelerator.num_processes} process(es)")
+        run.accelerator.print("\n".join(compute_plan.passes_lines(run_passes(run, sources, max_steps))))
 
     spec, accelerator, model, state = run.spec, run.accelerator, run.model, run.state
     t, e = spec.training, spec.extra
@@ -324,6 +368,7 @@ def fit(run: Run, sources: list, max_steps: int):
     window_start, window_tokens = time.perf_counter(), 0
     grad_norm = None
     signals = StopSignals()
+    run.spikes = SpikeWindow(t.spike_sigma, t.spike_window, accelerator.device, state)
     model.train()
     try:
         while state.step < max_steps:
@@ -338,15 +383,15 @@ def fit(run: Run, sources: list, max_steps: int):
                     if accelerator.sync_gradients:
                         # Without clipping, an infinite threshold still returns the norm to check.
                         norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-                        # Deciding whether to apply the update reads two flags on the host: one sync per optimizer
-                        # step (and one tiny all-reduce across processes, which also carries the stop request).
+                        # Deciding whether to apply the update reads the verdict on the host: one sync per optimizer
+                        # step (and one tiny all-reduce across processes, which carries the non-finite flags, the
+                        # loss the spike window judges and the stop request).
                         # Measured at 30-50 us a step on the CPU; on a GPU the host waits for the backward pass
                         # before queuing the optimizer step, a bubble of a few kernel launches. Skipping on the
                         # device instead needs a fused optimizer's found_inf or a copy of the weights.
-                        verdict = agree_on_step(accelerator, step_loss, norm, signals.received is not None)
-                        if verdict.apply_update:
-                            run.optimizer.step()
-                        run.optimizer.zero_grad(set_to_none=True)
+                        verdict = agree_on_step(accelerator, step_loss / t.gradient_accumulation_steps, norm,
+                                                signals.received is not None, run.spikes)
+                        apply_step(accelerator, run.optimizer, verdict)
             # A skipped step still consumes its batches and advances the step and the schedule; only the
             # weights and the optimizer's moments stay as they were. The rate logged is the one this step ran with.
             learning_rate = run.scheduler.get_last_lr()[0]
@@ -358,12 +403,13 @@ def fit(run: Run, sources: list, max_steps: int):
             state.tokens_seen += step_tokens
             window_tokens += step_tokens
             progress.update(1)
-            if verdict.finite:
+            if not verdict.skipped:
                 window_loss += step_loss / t.gradient_accumulation_steps
                 state.window_steps += 1
                 state.skipped_in_a_row = 0
                 grad_norm = norm
-            elif skip_step(run, write_metrics):  # past the limits it rolls back to the last checkpoint, or stops
+            # Past the limits skip_step rolls back to the last checkpoint, or stops.
+            elif skip_step(run, write_metrics, verdict.spike):
                 window_loss.fill_(state.window_loss_sum)
                 progress.n = state.step
                 continue
@@ -374,12 +420,21 @@ def fit(run: Run, sources: list, max_steps: int):
                 window_loss.zero_()
                 window_start, window_tokens = time.perf_counter(), 0
             pause_started = time.perf_counter()  # evaluation, samples and checkpoints are not training time
-            if (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
-                    and state.step < max_steps):
-                evaluate_and_log(run, sources)
+            evaluated = (t.do_eval and t.evaluation_strategy == "steps" and state.step % t.eval_steps == 0
+                         and state.step < max_steps)
+            if evaluated:
+                evaluate_and_log(run, sources, f"step_{state.step}")
             if e.sample_every and state.step % e.sample_every == 0:
                 sample_and_log(run)
-            if e.checkpointing_steps and state.step % e.checkpointing_steps == 0 and state.step < max_steps:
+            if evaluated and best_checkpoint.stop_early(run):
+                if state.window_steps:  # the steps since the last logged line, as the last step of a run logs them
+                    log_train_step(run, window_loss, grad_norm, learning_rate,
+                                   window_tokens / (time.perf_counter() - window_start), sources)
+                break
+            # A new best is saved at its evaluation, on the checkpointing schedule or not, so that it is kept.
+            new_best = evaluated and state.best_step == state.step
+            if ((e.checkpointing_steps and state.step % e.checkpointing_steps == 0 or new_best)
+                    and state.step < max_steps):
                 # Each process sums its own losses; the checkpoint keeps their mean, which is what the next
                 # logged loss averages, so every process resumes with the same, right share.
                 state.window_loss_sum = float(accelerator.reduce(window_loss, reduction="mean"))
@@ -424,8 +479,8 @@ def log_train_step(run: Run, window_loss, grad_norm, learning_rate: float, token
 
 def source_telemetry(run: Run, sources: list) -> dict:
     """For a mixture, the tokens drawn from each source and how many passes over its train split they make."""
-    if run.spec.data.mixture is None:
-        return {}
+    if run.spec.data.mixture is None:  # one folder: its passes only
+        return {"passes": run.state.samples_consumed / sources[0].train.num_blocks}
     record = {}
     for source, count in zip(sources, run.state.source_samples):
         record[f"tokens_seen/{source.name}"] = count * run.spec.data.block_size
@@ -445,8 +500,7 @@ def write_metrics(run: Run, record: dict):
     if run.accelerator.is_main_process:
         with open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-    if run.accelerator.trackers:
-        run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+    tracking.log(run.accelerator, {k: v for k, v in record.items() if k != "step" and v is not None}, record["step"])
 
 
 def document_ids(run: Run) -> tuple[int | None, int | None] | None:
@@ -471,19 +525,22 @@ def evaluate_sources(run: Run, sources: list) -> dict:
     return combined
 
 
-def evaluate_and_log(run: Run, sources: list) -> dict:
+def evaluate_and_log(run: Run, sources: list, checkpoint: str) -> dict:
+    """Evaluate, log, and count the evaluation for the best checkpoint, whose weights `checkpoint` will hold."""
     result = evaluate_sources(run, sources)
+    best_checkpoint.record_evaluation(run, result["eval_loss"], checkpoint)
     # The harness's benchmarks (extra_args.eval_tasks), in the same record; every process takes part and gets the
     # same numbers. None without tasks.
     benchmarks = benchmarks_in_training(run, gathered_model_copy)
     record = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, **result,
-              **(benchmarks.metrics if benchmarks else {})}
+              **(benchmarks.metrics if benchmarks else {}), **best_checkpoint.metrics_fields(run)}
     write_metrics(run, record)
     run.accelerator.print(f"step {run.state.step}: eval loss {result['eval_loss']:.4f}, "
                           f"perplexity {result['perplexity']:.2f}")
     if benchmarks is not None:
         run.accelerator.print(f"step {run.state.step} benchmarks: {benchmarks.summary()}")
         result = {**result, "benchmarks": benchmarks}  # for the model card
+    run.last_evaluation = result
     return result
 
 
@@ -520,9 +577,7 @@ def sample_and_log(run: Run) -> str | None:
     with open(run.output_dir / "samples.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
     accelerator.print(f"step {step} sample: {text!r}")
-    if accelerator.trackers:
-        tracker = accelerator.get_tracker("wandb")
-        tracker.log_table("samples", columns=["step", "prompt", "text"], data=run.samples, step=step)
+    tracking.log_sample(accelerator, run.samples, step)
     return text
 
 
@@ -553,7 +608,7 @@ def gathered_model_copy(run: Run):
 
 def finish(run: Run, sources: list):
     accelerator = run.accelerator
-    result = evaluate_and_log(run, sources) if run.spec.training.do_eval else None
+    result = final_evaluation(run, sources) if run.spec.training.do_eval else None
     run.energy.update(run.state)
 
     def card_and_plot(staging: Path):  # in the folder before it is published, so it is whole with it, and pushed
@@ -566,19 +621,44 @@ def finish(run: Run, sources: list):
     if run.hub is not None:
         run.hub.wait()
     run.energy.stop()
+    tracking.finish_trackers(accelerator, say=accelerator.print)
     accelerator.end_training()
     if result is not None:
         accelerator.print(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['perplexity']:.2f}")
     accelerator.print(f"final model: {folder}")
-    accelerator.print("\n".join(plan_and_result(run, result)))
+    accelerator.print("\n".join(plan_and_result(run, result) + best_checkpoint.summary_lines(run)))
+
+
+def final_evaluation(run: Run, sources: list) -> dict:
+    """The evaluation of the final checkpoint; a run stopped early has just evaluated these weights."""
+    state = run.state
+    if not (state.stopped_early and run.last_evaluation is not None):
+        return evaluate_and_log(run, sources, "final-checkpoint")
+    if state.best_step == state.step:  # its step_N was not saved: the final checkpoint holds these weights
+        state.best_checkpoint, state.best_off_schedule = "final-checkpoint", False
+    return run.last_evaluation
+
+
+def run_passes(run: Run, sources: list, max_steps: int) -> dict:
+    """The passes over each train split that the run's max_steps make."""
+    return compute_plan.data_passes([s.name for s in sources], [s.train.num_blocks for s in sources],
+                                    [s.weight for s in sources], run.spec.data.block_size,
+                                    max_steps * run.tokens_per_step)
 
 
 def plan_and_result(run: Run, result: dict | None) -> list[str]:
     """The end-of-run summary: what was planned beside what happened."""
     config = run.accelerator.unwrap_model(run.model).config
-    plan = compute_plan.plan_for_config(config, run.spec.data.block_size, run.max_steps * run.tokens_per_step or None)
+    plan = compute_plan.plan_for_config(config, run.spec.data.block_size, planned_tokens(run) or None)
     return compute_plan.result_lines(plan, run.state, result["eval_loss"] if result else None,
                                      run.energy.machines if run.energy.enabled else None)
+
+
+def planned_tokens(run: Run) -> int:
+    """The tokens the training planned to reach: those of the checkpoint it resumed from, which may have taken
+    another number per step, then this run's steps at its own size."""
+    start = read_train_state(run.resumed_from) if run.resumed_from is not None else TrainState()
+    return start.tokens_seen + max(run.max_steps - start.step, 0) * run.tokens_per_step
 
 
 def plot_losses(metrics_path: Path, image_path: Path):
@@ -662,4 +742,5 @@ def print_dry_run(spec: Spec):
     print(data_line(spec))
     if t.max_steps is not None:
         print(f"tokens: {t.max_steps * tokens_per_step(spec, world_size):,}")
+        print(schedule_line(spec, t.max_steps))
     print("\n".join(compute_plan.plan_lines(compute_plan.plan_for_spec(spec, world_size))))

@@ -4,7 +4,7 @@
                    peak_override=None)   # {"mfu": ..., "gpu_memory_gib": ..., "gpu_peak_memory_gib": ...}
     flops_per_token(model.config, 2048, input_embedding=False)   # the other MFU convention (MFU_CONVENTIONS)
 
-BENCHMARKS.md ("Training throughput") has the figures.
+docs/benchmarks.md ("Training throughput") has the figures.
 """
 
 from __future__ import annotations
@@ -111,4 +111,8 @@ def progress_postfix(record: dict) -> dict:
         shown["mem_gib"] = f"{record['gpu_peak_memory_gib']:.1f}"
     if record.get("energy_kwh") is not None:
         shown["kwh"] = f"{record['energy_kwh']:.3g}"
+    # Passes over the train split; for a mixture, over the split read most often.
+    passes = [value for key, value in record.items() if key == "passes" or key.startswith("passes/")]
+    if passes:
+        shown["passes"] = f"{max(passes):.2f}"
     return shown

@@ -1,12 +1,13 @@
-"""The commands the docs show work: every shell command in README.md (```bash blocks and inline `python ...`) and in
-the scripts' docstrings is run here, on the CPU, offline, each in a scratch folder laid out like the repository
-(never in the repository itself): as written where that works here, otherwise with the fewest overrides that make
-it small (a tiny model, a few steps, the committed sample) or with --dry-run. A command that needs a GPU, several
-machines, the Hub or a program this machine lacks is listed with the reason it is not run. A command added to the
-docs without an entry in COMMANDS fails test_every_documented_command_is_run_or_listed.
+"""The commands the docs show work: every shell command in README.md and the pages of docs/ (```bash blocks and
+inline `python ...`) and in the scripts' docstrings is run here, on the CPU, offline, each in a scratch folder laid
+out like the repository (never in the repository itself): as written where that works here, otherwise with the
+fewest overrides that make it small (a tiny model, a few steps, the committed sample) or with --dry-run. A command
+that needs a GPU, several machines, the Hub or a program this machine lacks is listed with the reason it is not
+run. A command added to the docs without an entry in COMMANDS fails
+test_every_documented_command_is_run_or_listed.
 
-The README's flags and spec fields are checked both ways: each one it names exists, and every spec field and
-every flag of the user-facing scripts is named in it.
+The flags and spec fields of README.md and docs/ are checked both ways: each one they name exists, and every spec
+field and every flag of the user-facing scripts is named in them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import pytest
 from specifications import GROUPS, SHIPPED_SPECS, markdown_table, shipped_spec_texts
 from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL
 
-DOCUMENTED = ["README.md", "pre-training.py", "train-sentencepiece.py", "quickstart.py",
+# The docs: the README and every page of docs/ (a page added later is covered without an edit here).
+DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
+DOCUMENTED = [*DOCS, "pre-training.py", "train-sentencepiece.py", "quickstart.py",
               *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "Utilities").glob("*.py"))]
 
 
@@ -111,10 +114,37 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(extra=TINY_RUN, expect=("final model: runs/TeenyTinyLlama-160m/final-checkpoint",),
             files=("runs/TeenyTinyLlama-160m/final-checkpoint/model.safetensors",
                    "runs/TeenyTinyLlama-160m/metrics.jsonl")),
+    "python pre-training.py --spec-file specs.yaml extra_args.report_to=tensorboard":
+        Run(extra=TINY_RUN, expect=("final model: runs/TeenyTinyLlama-160m/final-checkpoint",),
+            files=("runs/TeenyTinyLlama-160m/tensorboard", "runs/TeenyTinyLlama-160m/metrics.jsonl")),
+    "tensorboard --logdir runs/TeenyTinyLlama-160m":
+        NotRun("starts a web server that runs until stopped; tests/scripts/test_tracking_runs.py reads a run's event "
+               "files with TensorBoard's own reader"),
+    "wandb sync runs/TeenyTinyLlama-160m/wandb/offline-run-20260101_120000-abc12345":
+        NotRun("uploads to W&B, which needs the network and an account; tests/scripts/test_tracking_runs.py checks the "
+               "offline run and the sync line a run prints"),
+    "hf upload me/my-model runs/TeenyTinyLlama-160m/step_2000 . --revision step-2000 --exclude 'accelerate_state/*'":
+        NotRun("uploads to the Hub; tests/scripts/test_tracking_runs.py checks that a run prints it for a checkpoint "
+               "whose upload failed"),
     "python pre-training.py --spec-file specs.yaml --dry-run":
         Run(expect=("parameters: 162,417,408", "tokens per optimizer step: 131,072 (8 x 1 x 8 x 2048)")),
     'python pre-training.py --spec-file specs.yaml "data_args.mixture={data/web: 3, data/books: 1}" --dry-run':
         Run(expect=("data: a mixture of 2 folders by tokens (web 75.0%, books 25.0%), attention across documents",)),
+    "python pre-training.py --spec-file specs.yaml training_args.lr_scheduler_type=warmup_stable_decay "
+    "training_args.max_steps=100000 --dry-run":
+        Run(expect=("schedule: warmup_stable_decay, warm-up over steps 1-1000, stable at 0.0006 until step 80000, then "
+                    "1-sqrt decay over the last 20000 steps (80001-100000) to 0 (min_lr_ratio 0)",)),
+    "python pre-training.py --spec-file specs.yaml training_args.output_dir=runs/long "
+    "training_args.lr_scheduler_type=warmup_stable_decay training_args.max_steps=100000 "
+    "training_args.decay_steps=20000":
+        Run(changes=(("decay_steps=20000", "decay_steps=1"),), extra=f"{TINY_RUN} training_args.warmup_steps=0",
+            expect=("final model: runs/long/final-checkpoint",),
+            files=("runs/long/final-checkpoint/model.safetensors",)),
+    "python pre-training.py --spec-file specs.yaml training_args.output_dir=runs/cooldown-24k "
+    "training_args.lr_scheduler_type=warmup_stable_decay training_args.resume_from_checkpoint=runs/long/step_20000 "
+    "training_args.max_steps=24000 training_args.decay_steps=4000":
+        NotRun("needs the long run's step_20000; tests/scripts/test_branches.py branches a tiny run the same way and "
+               "checks the branch's losses, history, record and the source left untouched"),
     "python Utilities/benchmark.py train --spec-file specs.yaml --variants ours --documents 600 "
     "data_args.document_attention=true":
         Run(changes=(("specs.yaml", "specs-tiny.yaml"), ("--documents 600", "--documents 50")),
@@ -125,6 +155,14 @@ COMMANDS: dict[str, Run | NotRun] = {
                                        "the learning rate rises to at most 1.14e-05 by the last step")),
     "WORLD_SIZE=4 python pre-training.py --spec-file specs.yaml --dry-run training_args.gradient_accumulation_steps=2":
         Run(expect=("processes: 4", "tokens per optimizer step: 131,072 (8 x 4 x 2 x 2048)")),
+    "python pre-training.py --spec-file specs-tiny.yaml --dry-run training_args.max_steps=3000":
+        Run(needs=("quickstart-output",),
+            expect=("passes (epochs) over the train split: ", "warning: the run reads its data more than 4 times")),
+    "python pre-training.py --spec-file specs-tiny.yaml training_args.early_stopping_patience=3":
+        Run(needs=("quickstart-output",),
+            extra="training_args.max_steps=4 training_args.eval_steps=2 extra_args.checkpointing_steps=2 "
+                  "extra_args.sample_every=null extra_args.track_energy=false",
+            expect=("best eval loss: ",), files=("quickstart-output/model/best-checkpoint.json",)),
     "accelerate launch --num_processes=4 pre-training.py --spec-file specs.yaml":
         NotRun("needs 4 GPUs"),
     "accelerate launch --multi_gpu --num_processes 4 pre-training.py --spec-file specs.yaml "
@@ -140,6 +178,26 @@ COMMANDS: dict[str, Run | NotRun] = {
             changes=(("--num_processes 2", "--num_processes 2 --main_process_port {port}"),),
             extra="training_args.max_steps=2", expect=("on 2 process(es)",),
             files=("quickstart-output/model/final-checkpoint/model.safetensors",)),
+    "python pre-training.py --spec-file specs.yaml training_args.gradient_accumulation_steps=8 "
+    "training_args.resume_from_checkpoint=runs/TeenyTinyLlama-160m/step_2000":
+        NotRun("needs a checkpoint of a 4-GPU FSDP run; tests/scripts/test_resume_launches.py resumes checkpoints of "
+               "one process, DDP and FSDP under each other launch and checks the losses"),
+    "torchrun --nproc_per_node 4 pre-training.py --spec-file specs.yaml training_args.gradient_accumulation_steps=2":
+        NotRun("needs 4 GPUs"),
+    "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 pre-training.py --spec-file specs-tiny.yaml":
+        Run(needs=("quickstart-output",),
+            changes=(("--nproc_per_node 2", "--nproc_per_node 2 --master_port {port}"),),
+            extra="training_args.max_steps=2", expect=("on 2 process(es)",),
+            files=("quickstart-output/model/final-checkpoint/model.safetensors",)),
+    "sbatch slurm/pretrain.sbatch --spec-file specs.yaml":
+        NotRun("needs a Slurm cluster; tests/scripts/test_slurm.py runs the script with stand-ins for srun, scontrol "
+               "and scancel on two loopback nodes: stopped, requeued and resumed to the losses of one process"),
+    "sbatch --nodes 4 --export=ALL,PARALLEL=fsdp slurm/pretrain.sbatch --spec-file specs.yaml":
+        NotRun("needs a Slurm cluster of GPU nodes; tests/scripts/test_slurm.py runs the script's FSDP launch on two "
+               "loopback nodes with stand-ins for srun, scontrol and scancel"),
+    "sbatch --export=ALL,LAUNCHER=torchrun slurm/pretrain.sbatch --spec-file specs.yaml":
+        NotRun("needs a Slurm cluster; tests/scripts/test_slurm.py runs the script's torchrun launch on two loopback "
+               "nodes with stand-ins for srun, scontrol and scancel"),
     # --- specifications.py
     "python specifications.py": Run(expect=(markdown_table(),)),
     "python specifications.py --write-specs": Run(expect=("wrote ",), files=tuple(SHIPPED_SPECS)),
@@ -148,6 +206,26 @@ COMMANDS: dict[str, Run | NotRun] = {
         Run(needs=("checkpoint",), expect=("wrote 'model.gguf'",), files=("model.gguf",)),
     "python Utilities/export-gguf.py output/final-checkpoint model-f32.gguf --dtype f32 --overwrite":
         Run(needs=("checkpoint",), expect=("wrote 'model-f32.gguf'",), files=("model-f32.gguf",)),
+    # --- docs/gguf.md: the quantized types, llama-quantize, Ollama, the size and perplexity of each type
+    "python Utilities/export-gguf.py output/final-checkpoint q4/model-q4_0.gguf --dtype q4_0":
+        Run(needs=("checkpoint",), expect=("wrote 'q4/model-q4_0.gguf'", "and 'q4/Modelfile'"),
+            files=("q4/model-q4_0.gguf", "q4/Modelfile")),
+    "llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M": NotRun("needs llama.cpp's tools, not installed here"),
+    "cd q4 && ollama create teenytinyllama-q4 -f Modelfile": NotRun("needs Ollama, not installed here"),
+    'ollama run teenytinyllama-q4 "A capital do Brasil é"': NotRun("needs Ollama, not installed here"),
+    "python Utilities/benchmark.py gguf quickstart-output/model/final-checkpoint --data quickstart-output/tokenized":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("quickstart-output/model/final-checkpoint", "output/final-checkpoint"),),
+            extra="--dtypes f32 q4_0 --max-blocks 2", expect=('"variant": "q4_0"', "| q4_0 | ")),
+    "python quickstart.py --output-dir small-output --vocab-size 1024 model_args.hidden_size=256 "
+    "model_args.intermediate_size=768 model_args.num_hidden_layers=4 model_args.num_attention_heads=8 "
+    "model_args.num_key_value_heads=4":
+        NotRun("trains a 4-layer model for minutes; test_quickstart.py runs quickstart.py, shortened"),
+    "python Utilities/benchmark.py gguf small-output/model/final-checkpoint --data small-output/tokenized":
+        Run(needs=("checkpoint", "quickstart-output"),
+            changes=(("small-output/model/final-checkpoint", "output/final-checkpoint"),
+                     ("small-output/tokenized", "quickstart-output/tokenized")),
+            extra="--dtypes f32 q4_0 --max-blocks 2", expect=('"variant": "q4_0"', "| q4_0 | ")),
     # --- Utilities/evaluate.py: the finished run has no step_N (it saves only its final checkpoint)
     "python Utilities/evaluate.py output --data data/pt-corpus-tokenized":
         Run(needs=("checkpoint", "quickstart-output"),
@@ -202,6 +280,11 @@ COMMANDS: dict[str, Run | NotRun] = {
     "python Utilities/benchmark.py data --help": Run(expect=("usage: benchmark.py data",)),
     "python Utilities/benchmark.py train --help": Run(expect=("usage: benchmark.py train",)),
     "python Utilities/benchmark.py gpu --help": Run(expect=("usage: benchmark.py gpu",)),
+    "python Utilities/benchmark.py gguf --help": Run(expect=("usage: benchmark.py gguf",)),
+    "python Utilities/benchmark.py optimizer --help": Run(expect=("usage: benchmark.py optimizer",)),
+    "python Utilities/benchmark.py optimizer --work-dir runs/bench-optimizer":
+        NotRun("trains eight small models for 150 steps each, most of an hour on two shared CPU cores; its --smoke "
+               "form runs in tests/scripts/test_optimizer_runs.py"),
     # Each benchmark's documented sizes shrink to one small run (repeats at their default, 1), shared by the
     # commands that differ only in size.
     "python Utilities/benchmark.py tokenizer":
@@ -227,6 +310,73 @@ COMMANDS: dict[str, Run | NotRun] = {
             expect=('"variant": "ratios"',)),
     "python Utilities/benchmark.py train --spec-file S --find-micro-batch":
         Run(changes=((" S ", " specs-tiny.yaml "),), expect=('"variant": "largest_micro_batch"',)),
+    # --- docs/benchmarks.md: the measurements as they were taken, made small as above (the ones that shrink to the
+    # same command line as an entry above run once)
+    "python Utilities/benchmark.py NAME": NotRun("NAME stands for each benchmark, every one of which has its entry"),
+    "python Utilities/benchmark.py tokenizer --size-mb 530 --vocab-size 8000":
+        Run(changes=(("--size-mb 530 --vocab-size 8000", "--size-mb 0.2 --vocab-size 400"),), extra=BENCH_DIR,
+            expect=('"variant": "ours"',)),
+    "python Utilities/benchmark.py tokenizer --size-mb 1060 --vocab-size 8000 --variants ours":
+        Run(changes=(("--size-mb 1060 --vocab-size 8000", "--size-mb 0.2 --vocab-size 400"),), extra=BENCH_DIR,
+            expect=('"variant": "ours"',)),
+    "python Utilities/benchmark.py tokenizer --size-mb 10 --vocab-size 8000 --repeats 2 --encode-mb 2":
+        Run(changes=(("--size-mb 10 --vocab-size 8000 --repeats 2 --encode-mb 2",
+                      "--size-mb 0.2 --vocab-size 400 --encode-mb 0.05"),), extra=BENCH_DIR,
+            expect=('"variant": "original"', '"variant": "ours"')),
+    "python Utilities/benchmark.py tokenize":
+        Run(extra=f"--corpus-mb 1 {ONE_TOKENIZER_CLASS}", expect=('"variant": "ratios"',)),
+    "python Utilities/benchmark.py tokenize --corpus-mb 10":
+        Run(changes=(("--corpus-mb 10", "--corpus-mb 1"),), extra=ONE_TOKENIZER_CLASS,
+            expect=('"variant": "ratios"',)),
+    "python Utilities/benchmark.py tokenize --corpus-mb 117 --corpus synthetic --variants ours,encode --repeat 3":
+        Run(changes=(("--corpus-mb 117", "--corpus-mb 1"), (" --repeat 3", "")), extra=ONE_TOKENIZER_CLASS,
+            expect=('"variant": "ours"', '"variant": "encode"')),
+    "python Utilities/benchmark.py data": Run(extra="--tokens 100000", expect=('"variant": "tokenized_data-ours"',)),
+    "python Utilities/benchmark.py data --tokens 1000000000 --num-processes 1 8 --baseline":
+        Run(changes=(("--tokens 1000000000", "--tokens 100000"), ("--num-processes 1 8", "--num-processes 1 2")),
+            expect=('"variant": "tokenized_data-ours"', '"variant": "original-ours"')),
+    "python Utilities/benchmark.py train --spec-file S":
+        Run(changes=(("--spec-file S", "--spec-file specs-tiny.yaml"),),
+            extra="--device cpu --warmup-steps 1 --timed-steps 2", expect=('"variant": "ratios"',)),
+    "python Utilities/benchmark.py train --spec-file specs.yaml --find-micro-batch":
+        Run(changes=(("specs.yaml", "specs-tiny.yaml"),), expect=('"variant": "largest_micro_batch"',)),
+    "python Utilities/benchmark.py train --spec-file specs.yaml --micro-batch 16 --gradient-accumulation-steps 4 "
+    "--variants ours":
+        Run(changes=(("specs.yaml", "specs-tiny.yaml"),
+                     ("--micro-batch 16", "--micro-batch 2"), ("accumulation-steps 4", "accumulation-steps 1")),
+            extra="--device cpu --warmup-steps 1 --timed-steps 1", expect=('"variant": "ours"',)),
+    "python Utilities/benchmark.py train --spec-file specs.yaml --micro-batch 32 --gradient-accumulation-steps 2 "
+    "--variants ours":
+        Run(changes=(("specs.yaml", "specs-tiny.yaml"),
+                     ("--micro-batch 32", "--micro-batch 2"), ("accumulation-steps 2", "accumulation-steps 1")),
+            extra="--device cpu --warmup-steps 1 --timed-steps 1", expect=('"variant": "ours"',)),
+    "python Utilities/benchmark.py train --spec-file specs-460m.yaml --micro-batch 4 --variants original":
+        Run(changes=(("specs-460m.yaml", "specs-tiny.yaml"), ("--micro-batch 4", "--micro-batch 2")),
+            extra="--device cpu --warmup-steps 1 --timed-steps 1", expect=('"variant": "original"',)),
+    "python Utilities/benchmark.py train --spec-file specs-460m.yaml --micro-batch 8":
+        Run(changes=(("specs-460m.yaml", "specs-tiny.yaml"), ("--micro-batch 8", "--micro-batch 2")),
+            extra="--device cpu --warmup-steps 1 --timed-steps 1", expect=('"variant": "ratios"',)),
+    "OMP_NUM_THREADS=1 python Utilities/benchmark.py train --spec-file specs-tiny.yaml --device cpu --warmup-steps 3 "
+    "--timed-steps 20":
+        Run(changes=(("--warmup-steps 3 --timed-steps 20", "--warmup-steps 1 --timed-steps 2"),),
+            expect=('"variant": "ratios"',)),
+    "python Utilities/benchmark.py train --spec-file S --device cpu --find-micro-batch "
+    "[training_args.cross_entropy_chunk_tokens=null]":
+        Run(changes=((" S ", " specs-tiny.yaml "), ("[training_args.cross_entropy_chunk_tokens=null]",
+                                                     "training_args.cross_entropy_chunk_tokens=null")),
+            expect=('"variant": "largest_micro_batch"',)),
+    "python Utilities/benchmark.py gpu": NotRun("needs a CUDA GPU (test_gpu_benchmark.py runs its --smoke form)"),
+    "python Utilities/benchmark.py gpu --smoke --out smoke.jsonl":
+        NotRun("tests/scripts/test_gpu_benchmark.py runs it and checks the line of every part and the summary"),
+    "python Utilities/benchmark.py gpu --out gpu-results.jsonl":
+        NotRun("needs a CUDA GPU (its --smoke form, every part tiny on the CPU, runs in test_gpu_benchmark.py)"),
+    "grep '\"summary\"' gpu-results.jsonl": NotRun("reads the file that the GPU measurement above writes"),
+    "python Utilities/benchmark.py gpu --sdpa-backends flash,efficient,cudnn --compile-modes "
+    "max-autotune-no-cudagraphs --losses full --out gpu-levers.jsonl":
+        NotRun("needs a CUDA GPU: the attention kernels and compile modes it compares exist only there"),
+    "python Utilities/benchmark.py gpu --micro-batches 8,16,32 --parts pretrain-160m-mb8,pretrain-160m-mb32 --out "
+    "gpu-micro-batch.jsonl":
+        NotRun("needs a CUDA GPU (test_gpu_benchmark.py checks how --micro-batches and --parts pick the parts)"),
 }
 
 
@@ -252,7 +402,7 @@ INLINE_COMMAND = re.compile(r"`((?:[A-Z_]+=\S+\s+)*python3? [^`]+)`")
 DOCSTRING_COMMAND = re.compile(r"\s{4}(?:[A-Z_]+=\S+\s+)*(?:python3?|accelerate) ")
 
 
-def readme_commands(text: str) -> list[str]:
+def markdown_commands(text: str) -> list[str]:
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     return [c for block in blocks for c in joined_lines(block.splitlines())] + \
@@ -279,7 +429,7 @@ def documented_commands() -> dict[str, list[str]]:
     found = {}
     for name in DOCUMENTED:
         path = REPO / name
-        commands = readme_commands(path.read_text(encoding="utf-8")) if name.endswith(".md") else \
+        commands = markdown_commands(path.read_text(encoding="utf-8")) if name.endswith(".md") else \
             docstring_commands(path)
         for command in commands:
             found.setdefault(command, []).append(name)
@@ -295,11 +445,17 @@ def test_every_documented_command_is_run_or_listed():
     assert not stale, f"entries of COMMANDS that no doc shows any more: {stale}"
 
 
+def test_every_docs_page_is_read():
+    pages = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
+    assert pages and set(pages) <= set(DOCUMENTED)
+    assert "docs/spec.md" in documented_commands()["python specifications.py --write-specs"]
+
+
 def test_the_collector_reads_blocks_inline_commands_and_docstrings(tmp_path):
     text = ("Run `python a.py --x 1`, or `WORLD_SIZE=2 python b.py`; not `accelerate launch --cpu`.\n"
             "```bash\n# a comment\npython c.py --long \\\n   --lines 2   # why\n\nls\n```\n"
             "```python\nprint('python d.py')\n```\n")
-    assert readme_commands(text) == ["python c.py --long --lines 2", "ls", "python a.py --x 1",
+    assert markdown_commands(text) == ["python c.py --long --lines 2", "ls", "python a.py --x 1",
                                      "WORLD_SIZE=2 python b.py"]
     script = tmp_path / "s.py"
     script.write_text('"""Does it.\n\n    python s.py --a \\\n        --b   # the b\n    accelerate launch s.py\n\n'
@@ -334,6 +490,8 @@ class Runner:
         (bin_dir / "accelerate").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m accelerate.commands.accelerate_cli '
                                             f'"$@"\n')
         (bin_dir / "accelerate").chmod(0o755)
+        (bin_dir / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+        (bin_dir / "torchrun").chmod(0o755)
         self.env = {**os.environ, **OFFLINE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                     "HF_HOME": str(tmp_path_factory.mktemp("hf-home"))}
         self.env.pop("WORLD_SIZE", None)
@@ -412,12 +570,14 @@ def test_not_run_commands_say_why():
 # ----------------------------------------------------------------------------------------------------------------
 # Flags and spec fields
 
-# The user-facing programs: every flag of each is named in the README (the benchmarks' are in BENCHMARKS.md).
+# The user-facing programs: every flag of each is named in the docs.
 PROGRAMS = ["train-sentencepiece.py", "Utilities/tokenize-dataset.py", "pre-training.py", "quickstart.py",
             "specifications.py", "Utilities/chinchilla-estimation.py", "Utilities/export-gguf.py"]
-# Flags of other programs that the README names.
+# Flags of other programs that the docs name.
 EXTERNAL_FLAGS = {"--signal": "sbatch (SLURM)", "--model": "lm_eval", "--model_args": "lm_eval", "--tasks": "lm_eval",
-                  "--batch_size": "lm_eval"}
+                  "--batch_size": "lm_eval", "--nodes": "sbatch (SLURM)", "--export": "sbatch (SLURM)",
+                  "--nproc_per_node": "torchrun", "--signals_to_handle": "torchrun", "--logdir": "tensorboard",
+                  "--revision": "hf upload", "--exclude": "hf upload"}
 
 
 def option_groups(help_text: str) -> list[set[str]]:
@@ -486,30 +646,31 @@ def flag_names(words) -> list[str]:
     return [w.split("=", 1)[0] for w in words if re.match(r"--[a-zA-Z]", w)]
 
 
-def readme() -> str:
-    return (REPO / "README.md").read_text(encoding="utf-8")
+def docs_text() -> str:
+    """README.md and every page of docs/, one after the other."""
+    return "\n".join((REPO / name).read_text(encoding="utf-8") for name in DOCS)
 
 
-def test_every_flag_the_readme_names_exists(program_options):
+def test_every_flag_the_docs_name_exists(program_options):
     flags, _ = program_options
     known = set().union(*flags.values()) | set(EXTERNAL_FLAGS)
-    named = set(re.findall(r"(?<![\w-])(--[a-zA-Z][\w-]*)", readme()))
-    assert not named - known, f"flags the README names that no program has: {sorted(named - known)}"
+    named = set(re.findall(r"(?<![\w-])(--[a-zA-Z][\w-]*)", docs_text()))
+    assert not named - known, f"flags the docs name that no program has: {sorted(named - known)}"
 
 
-def test_every_flag_of_the_user_facing_scripts_is_named_in_the_readme(program_options):
+def test_every_flag_of_the_user_facing_scripts_is_named_in_the_docs(program_options):
     _, groups = program_options
-    text = readme()
+    text = docs_text()
     unnamed = [f"{program}: {' / '.join(sorted(spellings))}" for program in PROGRAMS for spellings in groups[program]
                if spellings != {"--help"} and not any(re.search(rf"{re.escape(s)}(?![\w-])", text) for s in spellings)]
-    assert not unnamed, f"flags the README does not name: {unnamed}"
+    assert not unnamed, f"flags the docs do not name: {unnamed}"
 
 
 FIELDS = {group: {f.name for f in dataclasses.fields(cls)} for group, cls in GROUPS.items()}
 
 
-def test_every_spec_field_the_readme_names_exists():
-    text = readme()
+def test_every_spec_field_the_docs_name_exists():
+    text = docs_text()
     dotted = re.findall(r"\b(model_args|data_args|training_args|extra_args)\.(\w+)", text)
     assert dotted and [f"{g}.{k}" for g, k in dotted if k not in FIELDS[g]] == []
     every_field = set().union(*FIELDS.values())
@@ -521,7 +682,7 @@ def test_every_spec_field_the_readme_names_exists():
     assert [name for name in spans + table_fields if name not in every_field] == []
 
 
-def test_every_spec_field_is_named_in_the_readme():
-    text = readme()
+def test_every_spec_field_is_named_in_the_docs():
+    text = docs_text()
     assert [f"{g}.{name}" for g, names in FIELDS.items() for name in names
             if f"| `{g}` | `{name}` |" not in text] == []

@@ -281,10 +281,12 @@ def test_fsdp_trains_like_one_process_and_saves_a_loadable_model(single, fsdp):
     assert_same_training(output_dir, single)
     # Generation under FSDP finished on every process and sampled the same text as one process.
     assert records(output_dir, "samples.jsonl") == records(single, "samples.jsonl")
-    # The resumable state is sharded, one file per process: the run really was FSDP.
-    shards = sorted(p.name for p in (output_dir / "final-checkpoint" / "accelerate_state" /
-                                     "pytorch_model_fsdp_0").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    # The resumable state holds each weight as one shard per process: the run really was FSDP.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    state = output_dir / "final-checkpoint" / "accelerate_state" / "model_and_optimizer"
+    chunks = FileSystemReader(str(state)).read_metadata().state_dict_metadata["model.model.embed_tokens.weight"].chunks
+    assert len(chunks) == 2
     final = output_dir / "final-checkpoint"
     assert_same_weights(final, single / "final-checkpoint")
     model = AutoModelForCausalLM.from_pretrained(final)

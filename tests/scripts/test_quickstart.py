@@ -1,5 +1,5 @@
 """quickstart.py: the whole pipeline on the embedded sample, shortened, with the outputs a newcomer sees; the
-README's `python quickstart.py --output-dir /tmp/qs`, with a folder of the test's own."""
+documented `python quickstart.py --output-dir /tmp/qs`, with a folder of the test's own."""
 
 import json
 import math

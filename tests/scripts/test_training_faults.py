@@ -100,7 +100,8 @@ def train_records(output_dir):
 def complete(folder):
     names = {p.name for p in folder.iterdir()}
     return {"config.json", "model.safetensors", "tokenizer.json", "spec.yaml", "trainer_state.json",
-            "accelerate_state"} <= names and (folder / "accelerate_state" / "optimizer.bin").is_file()
+            "accelerate_state"} <= names and (folder / "accelerate_state" / "model_and_optimizer" /
+                                              ".metadata").is_file()
 
 
 def step_dirs(output_dir):
@@ -372,7 +373,7 @@ def test_under_accelerate_launch_a_signal_to_one_process_stops_both_at_the_same_
     assert f"stopped by a stop signal sent to another process after step 5; checkpoint: {folder}" in stopped.output
     assert two.steps_when_stopped == ["step_4", "step_5"]  # keep_last_checkpoints=2 pruned steps 1-3
     states = sorted(p.name for p in (stopped.output_dir / "step_5" / "accelerate_state").iterdir())
-    assert {"random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= set(states)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model_and_optimizer"} <= set(states)
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert f"resumed from {folder} at step 5" in resumed.output
     assert step_dirs(resumed.output_dir) == ["step_5", "step_8"]

@@ -2,6 +2,7 @@
 tests/helpers/fake_hub.py (the Hub itself is never reached)."""
 
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -167,3 +168,80 @@ def test_a_model_repository_that_cannot_be_opened_is_refused_before_training(fak
     refused("push_to_hub is on but the Hugging Face Hub cannot be reached; set push_to_hub: false",
             hub.open_model_repo, push_spec())
 
+
+
+def hub_api(token):
+    import huggingface_hub
+
+    return huggingface_hub.HfApi(token=token)
+
+
+def checkpoint_folders(root, *names):
+    for name in names:
+        (root / name / "accelerate_state").mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"weights")
+        (root / name / "accelerate_state" / "optimizer.bin").write_bytes(b"optimizer state")
+    return [root / name for name in names]
+
+
+def uploaded(fake_hub):
+    return [(Path(c["folder_path"]).name, c["revision"]) for c in fake_hub.calls_to("upload_folder")]
+
+
+def test_a_failed_upload_warns_once_and_is_retried_with_the_next_checkpoint(fake_hub, tmp_path):
+    step_2, step_4, step_6, final = checkpoint_folders(tmp_path, "step_2", "step_4", "step_6", "final-checkpoint")
+    said = []
+    pusher = hub.HubPusher(hub_api("hf_x"), "me/model", say=said.append)
+    fake_hub.fail("upload_folder", ConnectionError("Connection reset by peer\nmore"), revision="step-2")
+    pusher.push(step_2, "step-2")
+    pusher.push(step_4, "step-4")                              # finds step_2 failed, sends it again, then step_4
+    assert said == [f"warning: could not push step_2 to me/model: Connection reset by peer; it stays in {step_2} "
+                    f"and the upload is tried again with the next checkpoint"]
+    pusher.push(step_6, "step-6")                              # fails again: no second warning
+    fake_hub.failures.clear()                                  # the network is back
+    pusher.push(final, None)
+    pusher.wait()
+    assert uploaded(fake_hub) == [("step_2", "step-2"), ("step_2", "step-2"), ("step_4", "step-4"),
+                                  ("step_2", "step-2"), ("step_6", "step-6"), ("step_2", "step-2"),
+                                  ("final-checkpoint", None)]
+    assert len(said) == 1 and pusher.failed == {} and pusher.pending == []
+    assert (step_2 / "model.safetensors").read_bytes() == b"weights"  # the local checkpoint is untouched
+
+
+def test_what_is_still_not_on_the_hub_at_the_end_is_said_with_the_command_that_uploads_it(fake_hub, tmp_path):
+    step_2, final = checkpoint_folders(tmp_path / "my out", "step_2", "final-checkpoint")
+    said = []
+    pusher = hub.HubPusher(hub_api("hf_x"), "me/model", say=said.append)
+    fake_hub.fail("upload_folder", ConnectionError("Hub is down"))
+    pusher.push(step_2, "step-2")
+    pusher.push(final, None)
+    pusher.wait()                                              # tries each once more: the Hub answers
+    assert uploaded(fake_hub) == [("step_2", "step-2"), ("step_2", "step-2"), ("final-checkpoint", None),
+                                  ("step_2", "step-2"), ("final-checkpoint", None)]
+    assert said[-1].splitlines() == [
+        "not uploaded to me/model: step_2 (branch step-2), final-checkpoint (branch main); the folders are complete "
+        "on disk, upload them with:",
+        f"  hf upload me/model '{step_2}' . --revision step-2 --exclude 'accelerate_state/*'",
+        f"  hf upload me/model '{final}' . --exclude 'accelerate_state/*'"]
+    assert "hf_x" not in "\n".join(said)
+
+
+def test_the_end_does_not_retry_while_the_hub_is_unreachable_nor_a_folder_gone_from_disk(fake_hub, tmp_path,
+                                                                                          monkeypatch):
+    import shutil
+
+    step_2, step_4, final = checkpoint_folders(tmp_path, "step_2", "step_4", "final-checkpoint")
+    said = []
+    pusher = hub.HubPusher(hub_api("hf_x"), "me/model", say=said.append)
+    fake_hub.fail("create_branch", ConnectionError("Hub is down"))
+    pusher.push(step_2, "step-2")
+    pusher.push(step_4, "step-4")
+    shutil.rmtree(step_2)                                      # pruned by keep_last_checkpoints
+    pusher.push(final, None)
+    assert said[-1] == "warning: step_2 was never pushed to me/model and is no longer on disk"
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    pusher.wait()
+    assert [c["branch"] for c in fake_hub.calls_to("create_branch")] == ["step-2", "step-2", "step-4", "step-4"]
+    assert uploaded(fake_hub) == [("final-checkpoint", None)]
+    assert said[-1].splitlines()[0] == "not uploaded to me/model: step_4 (branch step-4); the folders are complete " \
+                                       "on disk, upload them with:"

@@ -3,12 +3,12 @@ of real batches, passes over a small source, resume, process shares, the spec fi
 
 import numpy as np
 import pytest
-from test_tokenized_data import BLOCK, VOCAB, blocks, ids_of, manifest_for, write_file
 
 from pretrain.data.batches import TrainBatches
 from pretrain.data.manifest import write_manifest
 from pretrain.data.mixture import MixtureSchedule, check_agreement, open_sources, source_names
 from pretrain.errors import InputError
+from tests.helpers.tokenized import BLOCK, VOCAB, blocks, ids_of, manifest_for, write_file
 
 # Source s holds rows numbered from s * 1_000: a row's ids say which source it came from and which row it is.
 OFFSET = 1_000

@@ -1,5 +1,6 @@
-"""Utilities/export-gguf.py: the GGUF read back with the gguf package holds the checkpoint's tensors and a
-tokenizer that llama.cpp's sentencepiece algorithm turns into transformers' ids."""
+"""Utilities/export-gguf.py: the GGUF read back with the gguf package holds the checkpoint's tensors in the types
+llama.cpp chooses and a tokenizer that llama.cpp's sentencepiece algorithm turns into transformers' ids; the
+Modelfile beside it. test_gguf_llama_cpp.py runs the files in llama.cpp itself."""
 
 import heapq
 import json
@@ -240,10 +241,11 @@ def test_the_script_exits_2_with_one_line_and_keeps_an_existing_file(tmp_path, t
     result = run_script("Utilities/export-gguf.py", tiny_checkpoint, output)
     assert result.returncode == 2 and output.read_bytes() == b"keep me"
     assert result.stderr.splitlines() == [f"error: '{output}' already exists; remove it, choose another output "
-                                          f"file or pass --overwrite"]
+                                          f"folder or pass --overwrite"]
     result = run_script("Utilities/export-gguf.py", tiny_checkpoint, output, "--overwrite", check=True)
     assert result.stdout.startswith(f"wrote '{output}' (") and output.read_bytes()[:4] == b"GGUF"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    assert result.stdout.rstrip().endswith(f" and '{tmp_path / 'Modelfile'}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.gguf"]
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, tiny_checkpoint, monkeypatch):
@@ -258,3 +260,130 @@ def test_a_failed_write_leaves_no_file(tmp_path, tiny_checkpoint, monkeypatch):
     assert str(caught.value) == (f"could not write '{tmp_path / 'model.gguf'}' ([Errno 28] No space left on "
                                  f"device); free some space or choose another output file")
     assert list(tmp_path.iterdir()) == []
+
+
+MATRICES = sorted(LLAMA_CPP_NAMES - {"output.weight", "token_embd.weight", "output_norm.weight"} -
+                  {f"blk.{layer}.{name}.weight" for layer in range(2) for name in ("attn_norm", "ffn_norm")})
+
+
+@pytest.mark.parametrize("dtype, matrices, head", [
+    ("bf16", "BF16", "BF16"), ("q8_0", "Q8_0", "Q8_0"), ("q5_1", "Q5_1", "Q8_0"), ("q5_0", "Q5_0", "Q8_0"),
+    ("q4_1", "Q4_1", "Q8_0"), ("q4_0", "Q4_0", "Q8_0")])
+def test_quantized_types_keep_norms_f32_and_the_output_matrix_in_q8_0(tmp_path, tiny_checkpoint, dtype, matrices,
+                                                                      head):
+    import gguf
+
+    reader = export(tiny_checkpoint, tmp_path / "model.gguf", "--dtype", dtype)
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    assert types == {**{name: "F32" for name in LLAMA_CPP_NAMES if name.endswith("norm.weight")},
+                     **{name: matrices for name in [*MATRICES, "token_embd.weight"]}, "output.weight": head}
+    assert field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
+    # Each weight within its block's rounding step of the checkpoint's: a step is the block's range over the
+    # 2^bits - 1 levels, so no error exceeds 2 / (2^bits - 1) of the block's largest magnitude.
+    bits = {"BF16": 8, "Q8_0": 8, "Q5_1": 5, "Q5_0": 5, "Q4_1": 4, "Q4_0": 4}
+    weights = {gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(name, try_suffixes=(".weight",)): array
+               for name, array in hf_weights(tiny_checkpoint).items() if "norm" not in name}
+    for tensor in reader.tensors:
+        if tensor.name not in weights or "attn_q" in tensor.name or "attn_k" in tensor.name:
+            continue  # the norms are exact (above), query and key rows reordered (test_the_tensors_are_...)
+        original = weights[tensor.name]
+        restored = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(original.shape)
+        blocks = np.abs(original).reshape(-1, 32).max(-1, keepdims=True)
+        error = np.abs(restored - original).reshape(-1, 32)
+        assert (error <= blocks * 2 / (2 ** bits[tensor.tensor_type.name] - 1)).all(), tensor.name
+        assert error.max() > 0, tensor.name
+
+
+def test_tied_embeddings_are_quantized_as_the_output_matrix(tmp_path, tiny_checkpoint):
+    from safetensors.numpy import save_file
+
+    tied = copy_checkpoint(tiny_checkpoint, tmp_path)
+    weights = hf_weights(tiny_checkpoint)
+    del weights["lm_head.weight"]
+    save_file(weights, str(tied / "model.safetensors"))
+    set_config(tie_word_embeddings=True)(tied)
+    types = {t.name: t.tensor_type.name for t in export(tied, tmp_path / "tied.gguf", "--dtype", "q4_0").tensors}
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
+    assert {types[name] for name in MATRICES} == {"Q4_0"}
+
+
+def narrow_feed_forward(folder, width):
+    """The checkpoint in `folder` with its feed-forward layers cut to `width`: ffn_down's rows are `width` long."""
+    from safetensors.numpy import save_file
+
+    weights = hf_weights(folder)
+    for name, array in weights.items():
+        if "gate_proj" in name or "up_proj" in name:
+            weights[name] = array[:width]
+        elif "down_proj" in name:
+            weights[name] = np.ascontiguousarray(array[:, :width])
+    save_file(weights, str(folder / "model.safetensors"))
+    set_config(intermediate_size=width)(folder)
+
+
+def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path, tiny_checkpoint, capsys):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path)
+    narrow_feed_forward(folder, 100)
+    for dtype, matrices in (("q8_0", "Q8_0"), ("q4_0", "Q4_0")):
+        reader = export(folder, tmp_path / dtype / "model.gguf", "--dtype", dtype)
+        types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+        assert {name for name, qtype in types.items() if qtype == "F16"} == \
+            {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+        assert types["blk.0.ffn_up.weight"] == types["blk.1.attn_q.weight"] == matrices
+        assert field(reader, "llama.feed_forward_length") == 100
+        assert capsys.readouterr().out.startswith(
+            f"note: 2 matrices stay f16, their rows not splitting into {dtype}'s blocks: blk.0.ffn_down.weight, "
+            f"blk.1.ffn_down.weight\nwrote ")
+
+
+def test_a_type_no_matrix_can_take_is_refused_and_nothing_is_written(tmp_path, tiny_checkpoint):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path)
+    config = LlamaConfig.from_pretrained(str(folder))
+    config.hidden_size, config.intermediate_size, config.head_dim = 48, 100, 12  # every row 48 or 100 values long
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    with pytest.raises(InputError) as caught:
+        main([str(folder), str(tmp_path / "out" / "model.gguf"), "--dtype", "q4_1"])
+    assert str(caught.value) == ("--dtype q4_1 stores matrices in blocks of 32 values per row, and no matrix of this "
+                                 "model has such rows; export it as f16, bf16 or f32")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert field(export(folder, tmp_path / "out" / "model.gguf"), "llama.embedding_length") == 48
+
+
+def test_the_modelfile_runs_the_gguf_beside_it_with_the_checkpoints_sampling(tmp_path, tiny_checkpoint):
+    export(tiny_checkpoint, tmp_path / "out" / "tiny.gguf", "--dtype", "q8_0")
+    assert (tmp_path / "out" / "Modelfile").read_text(encoding="utf-8") == (
+        "FROM ./tiny.gguf\n\n"
+        "# A base model: the prompt goes in as it is, and the model continues it.\n"
+        'TEMPLATE "{{ .Prompt }}"\n'
+        "# Beyond the length trained with, the rotary positions are ones the model never saw.\n"
+        f"PARAMETER num_ctx {TEST_BLOCK_SIZE}\n"
+        "# Sampling as the checkpoint's generation_config.json sets it for its training samples.\n"
+        "PARAMETER temperature 1.0\nPARAMETER top_k 50\nPARAMETER top_p 0.95\nPARAMETER repeat_penalty 1.2\n"
+        "PARAMETER num_predict 48\nPARAMETER repeat_last_n -1\n")
+
+
+def test_a_checkpoint_without_sampling_settings_gets_ollamas_and_greedy_stays_greedy(tmp_path, tiny_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path)
+    (folder / "generation_config.json").unlink()
+    export(folder, tmp_path / "plain" / "model.gguf")
+    lines = (tmp_path / "plain" / "Modelfile").read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if line.startswith(("FROM", "TEMPLATE", "PARAMETER"))] == [
+        "FROM ./model.gguf", 'TEMPLATE "{{ .Prompt }}"', f"PARAMETER num_ctx {TEST_BLOCK_SIZE}"]
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 20}))
+    export(folder, tmp_path / "greedy" / "model.gguf")
+    lines = (tmp_path / "greedy" / "Modelfile").read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if line.startswith("PARAMETER")][1:] == [
+        "PARAMETER temperature 0", "PARAMETER num_predict 20"]
+
+
+def test_an_existing_modelfile_is_kept_unless_overwrite(tmp_path, tiny_checkpoint):
+    (tmp_path / "Modelfile").write_text("FROM ./other.gguf\n")
+    with pytest.raises(InputError) as caught:
+        main([str(tiny_checkpoint), str(tmp_path / "model.gguf"), "--dtype", "q4_0"])
+    assert str(caught.value) == (f"'{tmp_path / 'Modelfile'}' already exists; remove it, choose another output "
+                                 f"folder or pass --overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile"]
+    main([str(tiny_checkpoint), str(tmp_path / "model.gguf"), "--dtype", "q4_0", "--overwrite"])
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./model.gguf\n")

@@ -168,7 +168,12 @@ BAD_VALUES = [
     ("training_args.lr_scheduler_type=polynomial training_args.learning_rate=1e-8",
      "learning_rate (1e-08) must be above 1e-07",
      "polynomial schedule decays to"),
-    ("training_args.lr_scheduler_type=warmup_stable_decay", "lr_scheduler_type", "not one of linear"),
+    ("training_args.lr_scheduler_type=warmup_stable_decay training_args.max_steps=100 training_args.warmup_steps=90",
+     "warmup_steps (90) and decay_steps (20, 20% of the run) add up to more than the run's 100", "lower"),
+    ("training_args.lr_scheduler_type=warmup_stable_decay training_args.max_steps=100 training_args.warmup_steps=10 "
+     "training_args.decay_steps=91", "warmup_steps (10) and decay_steps (91) add up", "raise max_steps"),
+    ("training_args.decay_shape=sqrt", "training_args.decay_shape", "not one of 1-sqrt, linear, cosine"),
+    ("training_args.min_lr_ratio=1.5", "min_lr_ratio (1.5) must be at most 1", "fraction of learning_rate"),
     ("training_args.push_to_hub=true", "push_to_hub needs", "hub_model_id"),
     ("model_args.train_from_scratch=false", "model_to_train is not set", "train_from_scratch"),
     ("model_args.vocab_size=null", "model_args.vocab_size", "must not be null"),
@@ -195,6 +200,10 @@ NOTES = [
      "read in place"),
     (["data_args.preprocessing_num_workers=4"], "note: data_args.preprocessing_num_workers has no effect: each "
      "training process reads the tokenized folder with one background thread"),
+    (["training_args.decay_steps=100", "training_args.min_lr_ratio=0.1"], "note: training_args.decay_steps, "
+     "min_lr_ratio have no effect with lr_scheduler_type 'cosine'"),
+    (["training_args.lr_scheduler_type=cosine_with_min_lr", "training_args.decay_steps=100"],
+     "note: training_args.decay_steps has no effect with lr_scheduler_type 'cosine_with_min_lr'"),
 ]
 
 
@@ -355,14 +364,18 @@ SPECS_YAML = {
                       "evaluation_strategy": "steps", "eval_steps": 5000, "per_device_train_batch_size": 8,
                       "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 8, "learning_rate": 6e-4,
                       "adam_epsilon": 1e-8, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.01,
-                      "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "warmup_steps": 1000, "max_steps": None,
+                      "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "warmup_steps": 1000,
+                      "decay_steps": None, "decay_shape": "1-sqrt", "min_lr_ratio": None, "max_steps": None,
                       "num_train_epochs": 1.0, "gradient_checkpointing": False, "seed": 42,
                       "dataloader_pin_memory": True, "compile_model": True, "fused_optimizer": True,
                       "cross_entropy_chunk_tokens": 4096, "allow_tf32": True, "mfu_peak_tflops": None,
                       "push_to_hub": False, "resume_from_checkpoint": None, "max_skipped_steps": 5,
-                      "max_rollbacks": 3, "hub_model_id": None, "hub_token": None},
+                      "spike_sigma": 6.0, "spike_window": 128, "optimizer": "adamw",
+                      "max_rollbacks": 3, "early_stopping_patience": None, "early_stopping_threshold": 0.0,
+                      "hub_model_id": None, "hub_token": None},
     "extra_args": {"wandb_token": None, "logger_name": "TeenyTinyLlama", "wandb_log_steps": 10, "with_tracking": True,
-                   "mixed_precision": "bf16", "checkpointing_steps": 5000, "keep_last_checkpoints": 0,
+                   "report_to": None, "mixed_precision": "bf16", "checkpointing_steps": 5000,
+                   "keep_last_checkpoints": 0,
                    "sample_every": 5000,
                    "generation_seeds": ["A capital do Brasil é", "Era uma vez uma menina que",
                                         "A receita de pão de queijo leva", "O rio Amazonas", "Em 1822, o Brasil"],
@@ -500,6 +513,6 @@ def test_write_specs_refuses_a_bad_specs_yaml_and_writes_nothing(tmp_path, monke
     assert (tmp_path / "specs.yaml").read_text(encoding="utf-8") == text.replace(old, new)
 
 
-def test_without_arguments_it_prints_the_readme_table(capsys):
+def test_without_arguments_it_prints_the_docs_table(capsys):
     main([])
     assert capsys.readouterr().out == markdown_table() + "\n"

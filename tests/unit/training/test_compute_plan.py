@@ -141,14 +141,14 @@ def test_dry_run_prints_the_same_plan():
 
 
 def test_the_result_sits_beside_the_plan():
-    plan = ComputePlan(parameters=1_000_000, tokens=20_000_000, flops_per_token=6_000_000)
-    state = TrainState(tokens_seen=10_000_000, energy_kwh=1.5, co2_kg=0.15, run_seconds=7200)
+    plan = ComputePlan(parameters=100_000_000, tokens=20_000_000_000, flops_per_token=600_000_000)
+    state = TrainState(tokens_seen=10_000_000_000, energy_kwh=1.5, co2_kg=0.15, run_seconds=7200)
     lines = compute_plan.result_lines(plan, state, eval_loss=4.0, machines=2)
-    law = chinchilla_loss(1e6, 1e7)
+    law = chinchilla_loss(1e8, 1e10)
     assert lines[:4] == [
         "# plan and result",
-        f"tokens: 10,000,000 trained, 20,000,000 planned (10.00 per parameter; compute-optimal for this size: "
-        f"{compute_plan.sci(compute_optimal_tokens(1e6))})",
+        f"tokens: 10,000,000,000 trained, 20,000,000,000 planned (100.00 per parameter; compute-optimal for this "
+        f"size: {compute_plan.sci(compute_optimal_tokens(1e8))})",
         "time: 2 hours of wall-clock (start-up, evaluation and checkpoints included), every run of this training "
         "included",
         "energy: 1.5 kWh, 0.15 kg CO2eq (CodeCarbon, 2 machine(s) this run, every run of this training included)"]
@@ -160,3 +160,26 @@ def test_the_result_sits_beside_the_plan():
     assert compute_plan.result_lines(plan, unmeasured, 6.0, 0)[3:] == [
         "energy: not measured (no machine could start its tracker; see the warnings above)",
         f"final eval loss: 6.0000 (perplexity {math.exp(6):.2f}); no tokens trained, so no prediction from the law"]
+
+
+@pytest.mark.parametrize("parameters,tokens", [(623_232, 307_200), (162_417_408, 1_000_000), (50e9, 1e12)])
+def test_outside_the_fitted_range_the_law_predicts_nothing(parameters, tokens):
+    plan = ComputePlan(parameters=int(parameters), tokens=int(tokens), flops_per_token=6 * int(parameters))
+    lines = compute_plan.plan_lines(plan)
+    text = "\n".join(lines)
+    assert "predicted loss" not in text and "compute-optimal size for this budget" not in text
+    assert (f"  no prediction: Hoffmann et al. fitted their law on models of 7e7 to 1.6e10 parameters and 5e9 to "
+            f"5e11 tokens, and this run ({compute_plan.sci(parameters)} parameters, {compute_plan.sci(tokens)} tokens) "
+            f"lies outside that range") in lines
+    state = TrainState(tokens_seen=int(tokens), run_seconds=60)
+    result = compute_plan.result_lines(plan, state, eval_loss=4.0, machines=None)
+    assert result[4].startswith(f"final eval loss: 4.0000 (perplexity {math.exp(4):.2f}); no prediction: ")
+    assert "the law predicts" not in "\n".join(result)
+    assert compute_plan.outside_fit(162_417_408, 6.2e9) is None
+
+
+def test_the_quickstart_plan_makes_no_prediction():
+    result = run_script("Utilities/chinchilla-estimation.py", "--spec-file", str(REPO / "specs-tiny.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "no prediction: Hoffmann et al. fitted their law" in result.stdout
+    assert "predicted loss" not in result.stdout and "perplexity 6.462e+07" not in result.stdout

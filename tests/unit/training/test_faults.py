@@ -21,8 +21,8 @@ TOKENS_PER_STEP, BLOCK_SIZE = 64, 8      # 8 samples per optimizer step
 
 
 class FakeAccelerator:
-    """What faults.py asks of accelerate's Accelerator, recording what it is told. `others`: the flags the other
-    processes bring to a reduce, when there are any."""
+    """What faults.py asks of accelerate's Accelerator, recording what it is told. `others`: what the other
+    process brings to the step's all-reduce (its loss, non-finite loss and norm flags, stop request), if any."""
 
     def __init__(self, scaler=None, others=None, is_main_process=True):
         self.scaler, self.others, self.is_main_process = scaler, others, is_main_process
@@ -31,17 +31,21 @@ class FakeAccelerator:
         self.printed, self.loaded, self.ended = [], [], False
 
     def reduce(self, tensor, reduction):
-        assert reduction == "max"
-        return torch.maximum(tensor, self.others)
+        assert reduction == "sum"
+        return tensor + self.others
 
     def print(self, text):
         self.printed.append(text)
 
-    def load_state(self, folder):
-        self.loaded.append(folder)
-
     def end_training(self):
         self.ended = True
+
+
+@pytest.fixture(autouse=True)
+def reloads_recorded(monkeypatch):
+    """A rollback's reload of the resumable state, recorded on the fake accelerator instead of read from disk."""
+    monkeypatch.setattr(faults, "load_resumable_state",
+                        lambda accelerator, model, optimizer, scheduler, folder: accelerator.loaded.append(str(folder)))
 
 
 def make_run(tmp_path, accelerator=None, last_checkpoint=None, max_skipped_steps=2, max_rollbacks=1, **state):
@@ -69,22 +73,26 @@ def test_under_a_grad_scaler_only_a_non_finite_loss_counts_and_the_optimizer_alw
     plain = SimpleNamespace(scaler=None, num_processes=1)
     scaled = SimpleNamespace(scaler=object(), num_processes=1)
     finite, inf = torch.tensor(2.0), torch.tensor(float("inf"))
-    assert faults.agree_on_step(plain, finite, inf, False) == (False, False, False)
-    assert faults.agree_on_step(plain, finite, None, True) == (True, True, True)
+    assert faults.agree_on_step(plain, finite, inf, False) == (False, False, False, None)
+    assert faults.agree_on_step(plain, finite, None, True) == (True, True, True, None)
     # fp16: the scaler skips overflowing gradients itself and must see every step to adjust its scale.
-    assert faults.agree_on_step(scaled, finite, inf, False) == (True, True, False)
-    assert faults.agree_on_step(scaled, torch.tensor(float("nan")), finite, False) == (False, True, False)
+    assert faults.agree_on_step(scaled, finite, inf, False) == (True, True, False, None)
+    assert faults.agree_on_step(scaled, torch.tensor(float("nan")), finite, False) == (False, True, False, None)
+    verdicts = (faults.StepVerdict(True, True, False), faults.StepVerdict(False, True, False),
+                faults.StepVerdict(True, False, False, {"reason": "loss spike"}))
+    assert [v.skipped for v in verdicts] == [False, True, True]
 
 
 @pytest.mark.parametrize("others, expected", [
-    ([0.0, 0.0], (True, True, False)),
-    ([1.0, 0.0], (False, False, False)),     # another process's loss or norm was not finite
-    ([0.0, 1.0], (True, True, True)),        # another process received the stop signal
+    ([2.0, 0.0, 0.0, 0.0], (True, True, False)),
+    ([float("nan"), 1.0, 0.0, 0.0], (False, False, False)),   # another process's loss was not finite
+    ([2.0, 0.0, 1.0, 0.0], (False, False, False)),            # nor its gradient norm
+    ([2.0, 0.0, 0.0, 1.0], (True, True, True)),               # another process received the stop signal
 ])
 def test_every_process_gets_the_verdict_of_all(others, expected):
     accelerator = FakeAccelerator(others=torch.tensor(others))
     verdict = faults.agree_on_step(accelerator, torch.tensor(2.0), torch.tensor(0.5), False)
-    assert verdict == expected and verdict.finite is expected[0] and verdict.stop is expected[2]
+    assert verdict == (*expected, None) and verdict.finite is expected[0] and verdict.stop is expected[2]
 
 
 def test_a_sharded_gradient_norm_is_gathered_before_it_is_judged():
@@ -92,7 +100,8 @@ def test_a_sharded_gradient_norm_is_gathered_before_it_is_judged():
         def full_tensor(self):
             return torch.tensor(float("nan"))
 
-    assert faults.agree_on_step(FakeAccelerator(), torch.tensor(2.0), ShardedNorm(), False) == (False, False, False)
+    assert faults.agree_on_step(FakeAccelerator(), torch.tensor(2.0), ShardedNorm(), False) == \
+        (False, False, False, None)
 
 
 # ------------------------------------------------------------------------------------------------------- signals
@@ -172,8 +181,8 @@ def test_a_skipped_step_is_counted_and_logged(tmp_path):
     run = make_run(tmp_path, step=7, tokens_seen=448)
     assert faults.skip_step(run, log) is False
     assert (run.state.skipped_steps, run.state.skipped_in_a_row) == (1, 1)
-    assert records == [{"step": 7, "tokens_seen": 448, "event": "skipped_step", "skipped_steps": 1,
-                        "skipped_in_a_row": 1}]
+    assert records == [{"step": 7, "tokens_seen": 448, "event": "skipped_step",
+                        "reason": "non-finite loss or gradient norm", "skipped_steps": 1, "skipped_in_a_row": 1}]
     assert run.accelerator.printed == [
         "step 7: non-finite loss or gradient norm; update skipped (1 in a row, 1 in all)"]
     assert run.accelerator.loaded == [] and not run.accelerator.ended
