@@ -2,6 +2,7 @@
 environment, and the project's scripts run with the interpreter that runs the tests."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,18 @@ def run_script(script, *args, env=None, cwd=None, timeout=600, check=False):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(script, args, processes: int = 1) -> list[str]:
+    """`script` with `args` under this interpreter: as it is for one process, under `accelerate launch` (data
+    parallel, a free port) for several; the caller sets ACCELERATE_USE_CPU for CPU processes."""
+    if processes == 1:
+        return [sys.executable, str(script), *map(str, args)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(free_port()), str(script), *map(str, args)]

@@ -17,7 +17,6 @@ import dataclasses
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from specifications import GROUPS, SHIPPED_SPECS, markdown_table, shipped_spec_texts
-from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL, free_port
 
 # The docs: the README and every page of docs/ (a page added later is covered without an edit here).
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
@@ -465,12 +464,6 @@ def test_the_collector_reads_blocks_inline_commands_and_docstrings(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running them
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 class Runner:
     """Runs documented commands, each in a fresh folder laid out like the repository: the scripts, Utilities/ and

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, free_port
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -30,12 +29,6 @@ STEPS = [1, 2, 3, 4, 5, 6]
 # The runs that compare energy across process and machine counts measure it; the others leave CodeCarbon off.
 ENERGY = "extra_args.track_energy=true"
 TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_env(tmp_path, **extra):

@@ -9,16 +9,14 @@ hook for it. The runs are independent, so a module fixture starts them at once.
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL, launch_command
 
 INJECTOR = REPO / "tests" / "helpers" / "spike_injection.py"
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8", "training_args.learning_rate=0.005",
@@ -38,14 +36,7 @@ def launch(ctx, name, *overrides, processes=1, spike_rank=None, output_dir=None,
     args = ["--spec-file", "specs-tiny.yaml", *TINY, f"model_args.tokenizer_name={ctx.tokenizer}",
             f"data_args.folder_path={ctx.data}", f"training_args.output_dir={output_dir}",
             f"training_args.per_device_train_batch_size={4 // processes}", *overrides]
-    if processes == 1:
-        command = [sys.executable, str(script), *args]
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--main_process_port", str(port), str(script), *args]
+    command = launch_command(script, args, processes)
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "HF_HOME": str(ctx.root / "hf"), "SPIKE_STEP": str(SPIKE_STEP), "SPIKE_FACTOR": "50",
            "SPIKE_RANK": str(spike_rank or 0)}

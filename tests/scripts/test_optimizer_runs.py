@@ -7,7 +7,6 @@ The runs are independent, so a module fixture starts them at once.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TINY_MODEL, launch_command
 
 TINY = [*TINY_MODEL, "training_args.optimizer=muon", "training_args.learning_rate=0.005",
         "training_args.warmup_steps=3", "training_args.do_eval=false", "extra_args.sample_every=null",
@@ -29,14 +28,7 @@ def launch(ctx, name, *overrides, processes=1, output_dir=None, env=None):
     args = ["--spec-file", "specs-tiny.yaml", *TINY, f"model_args.tokenizer_name={ctx.tokenizer}",
             f"data_args.folder_path={ctx.data}", f"training_args.output_dir={output_dir}",
             f"training_args.per_device_train_batch_size={4 // processes}", *overrides]
-    if processes == 1:
-        command = [sys.executable, str(REPO / "pre-training.py"), *args]
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--main_process_port", str(port), str(REPO / "pre-training.py"), *args]
+    command = launch_command(REPO / "pre-training.py", args, processes)
     full_env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
                 "HF_HOME": str(ctx.root / "hf"), **(env or {})}
     result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=TIMEOUT_S)

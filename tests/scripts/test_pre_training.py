@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, run_script
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, free_port, run_script
 
 TINY = [*TINY_MODEL, "training_args.per_device_train_batch_size=4",
         "training_args.per_device_eval_batch_size=8", "training_args.gradient_accumulation_steps=2",
@@ -315,13 +315,10 @@ def test_a_refused_run_leaves_an_existing_output_dir_as_it_was(sample_tokenizer,
 
 
 def test_two_processes_refuse_bad_input_together(sample_tokenizer, sample_tokenized, tmp_path):
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, **OFFLINE_ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp_path / "hf")}
     output_dir = tmp_path / "runs" / "out"

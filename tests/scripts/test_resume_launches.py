@@ -16,14 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.runs import REPO, TINY_MODEL
+from tests.helpers.runs import REPO, TINY_MODEL, free_port
 from tests.scripts.test_distributed import (
     FSDP_ON_CPU_ENV,
     TIMEOUT_S,
     accelerate_launch,
     assert_same_weights,
     finish,
-    free_port,
     launch_env,
     train_records,
 )

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tests.helpers.runs import REPO, TINY_MODEL
-from tests.scripts.test_distributed import FSDP_ON_CPU_ENV, TIMEOUT_S, free_port, launch_env, train_records
+from tests.helpers.runs import REPO, TINY_MODEL, free_port
+from tests.scripts.test_distributed import FSDP_ON_CPU_ENV, TIMEOUT_S, launch_env, train_records
 
 STEPS = 12
 ARGS = [*TINY_MODEL, f"training_args.max_steps={STEPS}", "extra_args.checkpointing_steps=null",

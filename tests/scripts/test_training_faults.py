@@ -12,9 +12,7 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 
 from pretrain import errors
 from pretrain.training import checkpoints
-from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL
+from tests.helpers.runs import OFFLINE_ENV, REPO, TEST_BLOCK_SIZE, TEST_VOCAB_SIZE, TINY_MODEL, launch_command
 
 TINY = [*TINY_MODEL, "training_args.per_device_eval_batch_size=8",
         "training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.005",
@@ -47,14 +45,7 @@ def start(ctx, name, *overrides, processes=1, output_dir=None, wrapper=()):
     args = ["--spec-file", "specs-tiny.yaml", *TINY, f"model_args.tokenizer_name={ctx.tokenizer}",
             f"data_args.folder_path={ctx.data}", f"training_args.output_dir={output_dir}",
             f"training_args.per_device_train_batch_size={4 // processes}", *overrides]
-    if processes == 1:
-        command = [sys.executable, str(REPO / "pre-training.py"), *args]
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--main_process_port", str(port), str(REPO / "pre-training.py"), *args]
+    command = launch_command(REPO / "pre-training.py", args, processes)
     # One thread per process: the runs share two cores. A private HF_HOME keeps this machine's accelerate config out.
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "HF_HOME": str(ctx.root / "hf")}
